@@ -1,0 +1,21 @@
+"""llavao1-edge: offline step-by-step vision-language reasoning with stage-level beam search.
+
+Importing this package is light: no torch, no transformers, and llama.cpp loads only when a
+model is opened.
+"""
+
+from .stages import (
+    STAGE_NAMES,
+    STAGES,
+    ParsedAnswer,
+    StageStreamParser,
+    parse_answer,
+    render_answer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STAGES", "STAGE_NAMES", "ParsedAnswer", "StageStreamParser", "__version__", "parse_answer",
+    "render_answer",
+]

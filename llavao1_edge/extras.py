@@ -1,0 +1,19 @@
+"""Checks that an optional extra is installed before a command imports it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
+    """Exit with code 2 and a one-line hint when any of `modules` is not importable."""
+    missing = missing_modules(modules)
+    if missing:
+        print(f"{command}: needs the '{extra}' extra (missing: {', '.join(missing)}); "
+              f"install it with: pip install 'llavao1-edge[{extra}]'", file=sys.stderr)
+        raise SystemExit(2)

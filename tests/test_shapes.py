@@ -1,0 +1,203 @@
+import hashlib
+import json
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from llavao1_train.data_cli import main as data_main
+from llavao1_train.data_cli import validate_file
+from llavao1_train.shapes import (
+    FAMILIES,
+    ShapesConfig,
+    build_examples,
+    generate_scene,
+    render_scene,
+    write_dataset,
+)
+from llavao1_train.shapes.questions import SPATIAL_MARGIN
+from llavao1_train.shapes.scene import COLORS, SHAPES
+from PIL import Image
+
+from llavao1_edge.judge import parse_pairwise_verdict, parse_reasoning_check
+from llavao1_edge.records import read_records, read_tsv
+from llavao1_edge.stages import parse_answer
+
+
+def independent_answer(family: str, spec: dict, objects: list[dict]) -> str:
+    """Re-derive the answer from the scene graph alone: no templates, no generator helpers."""
+    def count(flt):
+        return sum(all(o[k] == v for k, v in flt.items()) for o in objects)
+
+    if family == "count_all":
+        return str(len(objects))
+    if family.startswith("count_"):
+        return str(count(spec["filter"]))
+    if family == "arithmetic":
+        return str(len(objects) - count(spec["remove"]))
+    if family == "compare":
+        return "yes" if count(spec["a"]) > count(spec["b"]) else "no"
+    if family == "attribute":
+        hits = [o for o in objects if all(o[k] == v for k, v in spec["filter"].items())]
+        assert len(hits) == 1, "attribute questions must be unambiguous"
+        return hits[0][spec["ask"]]
+    if family == "spatial":
+        (ref,) = [o for o in objects if all(o[k] == v for k, v in spec["ref"].items())]
+        axis, sign = {"left": ("x", -1), "right": ("x", 1), "above": ("y", -1), "below": ("y", 1)}[spec["relation"]]
+        others = [o for o in objects if o is not ref]
+        inside = [o for o in others if sign * (o[axis] - ref[axis]) > SPATIAL_MARGIN]
+        assert len(inside) == 1, "spatial questions must have exactly one object in relation"
+        assert all(abs(o[axis] - ref[axis]) > SPATIAL_MARGIN for o in others), "no borderline objects"
+        return inside[0][spec["ask"]]
+    raise AssertionError(family)
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "train"
+    write_dataset(ShapesConfig(n=240, seed=3), out, progress=False)
+    return out
+
+
+def test_every_conclusion_matches_the_scene_graph(train_set):
+    families = Counter()
+    forms = Counter()
+    for rec in read_records(train_set / "records.jsonl"):
+        if rec.meta["kind"] != "cot":
+            continue
+        m = rec.meta
+        families[m["family"]] += 1
+        forms[m["form"]] += 1
+        want = independent_answer(m["family"], m["spec"], m["scene"])
+        parsed = parse_answer(rec.answer)
+        assert parsed.well_formed, (rec.id, parsed.issues)
+        got = parsed.conclusion
+        if m["form"] == "mc":
+            assert rec.question.endswith("Answer with the option's letter from the given choices.")
+            assert m["choices"][got] == want, rec.id
+        else:
+            assert got == want, rec.id
+        # The caption names every object of the scene with its colour and shape.
+        cap = parsed.stages["caption"]
+        assert len(re.findall(r"\b(?:small|large) \w+ (?:circle|square|triangle)\b", cap)) == len(m["scene"])
+    assert set(families) == set(FAMILIES) and min(families.values()) == 30
+    assert forms["mc"] > 60 and forms["open"] > 60
+
+
+def test_judge_examples_name_the_correct_response(train_set):
+    records = list(read_records(train_set / "records.jsonl"))
+    cot = {r.id.rsplit("-", 1)[0]: r for r in records if r.meta["kind"] == "cot"}
+    units = Counter()
+    for rec in records:
+        if rec.meta["kind"] != "judge":
+            continue
+        unit = rec.meta["unit"]
+        units[unit] += 1
+        correct_stages = parse_answer(cot[rec.id.split("-judge")[0]].answer).stages
+        if unit == "check":
+            assert rec.image is None  # text-only, as in the paper
+            verdict = parse_reasoning_check(rec.answer)
+            reasoning = rec.question.split("Reasoning: ", 1)[1].split("\nReply in the form")[0]
+            assert verdict is (reasoning == correct_stages["reasoning"])
+            continue
+        choice = parse_pairwise_verdict(rec.answer)
+        r1 = re.search(r"\nResponse 1: (.*)\nResponse 2: ", rec.question, re.S).group(1)
+        r2 = re.search(r"\nResponse 2: (.*)\nReply in the form", rec.question, re.S).group(1)
+        assert r1 != r2
+        assert (r1, r2)[choice - 1] == correct_stages[unit], rec.id
+    assert set(units) == {"summary", "caption", "reasoning", "conclusion", "check"}
+
+
+def test_same_arguments_give_identical_bytes(tmp_path):
+    def digest(folder):
+        h = hashlib.sha256()
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+        return h.hexdigest()
+
+    cfg = ShapesConfig(n=40, seed=11)
+    write_dataset(cfg, tmp_path / "a", progress=False)
+    write_dataset(cfg, tmp_path / "b", progress=False)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    write_dataset(ShapesConfig(n=40, seed=12), tmp_path / "c", progress=False)
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_question_i_does_not_depend_on_n():
+    first = [ex.question.prompt for ex in build_examples(ShapesConfig(n=5, seed=2))]
+    more = [ex.question.prompt for ex in build_examples(ShapesConfig(n=20, seed=2))]
+    assert more[:5] == first
+
+
+def test_eval_split_has_questions_only(tmp_path):
+    write_dataset(ShapesConfig(n=30, seed=5, split="eval", kinds=("cot",)), tmp_path / "ev", progress=False)
+    kinds = Counter(r.meta["kind"] for r in read_records(tmp_path / "ev" / "records.jsonl"))
+    assert kinds == {"cot": 30}
+    with pytest.raises(ValueError, match="drop 'judge'"):
+        ShapesConfig(split="eval", kinds=("cot", "judge")).validate()
+    train = {ex.question.prompt + str(ex.scene) for ex in build_examples(ShapesConfig(n=30, seed=5))}
+    evals = {ex.question.prompt + str(ex.scene) for ex in build_examples(ShapesConfig(n=30, seed=5, split="eval"))}
+    assert not train & evals  # the split is part of the seed
+
+
+def test_tsv_output(tmp_path):
+    path = write_dataset(ShapesConfig(n=16, seed=1, split="eval", kinds=("cot",), format="tsv"), tmp_path / "t",
+                         progress=False)
+    rows = list(read_tsv(path))
+    assert len(rows) == 16 and all(r.answer in r.options for r in rows)
+    assert {r.category for r in rows} == set(FAMILIES)
+    assert rows[0].image.startswith(b"\x89PNG")
+
+
+def test_scene_objects_do_not_overlap_and_render():
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = generate_scene(rng)
+        objs = scene.objects
+        assert 1 <= len(objs) <= 8
+        for i, a in enumerate(objs):
+            assert a.color in COLORS and a.shape in SHAPES
+            for b in objs[i + 1:]:
+                assert ((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5 > a.radius + b.radius
+    img = render_scene(scene, 96)
+    assert isinstance(img, Image.Image) and img.size == (96, 96) and img.mode == "RGB"
+
+
+def test_cli_writes_and_validates(tmp_path, capsys):
+    assert data_main(["shapes", "--out", str(tmp_path / "d"), "--n", "24", "--seed", "1", "-q"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    report = validate_file(str(tmp_path / "d" / "records.jsonl"))
+    assert report["problems"] == [] and report["records"]["cot"] == 24
+    assert data_main(["validate", str(tmp_path / "d" / "records.jsonl")]) == 0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert data_main(["shapes", "--out", str(tmp_path / "x"), "--n", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--n must be at least 1" in err
+    assert data_main(["shapes", "--out", str(tmp_path / "x"), "--kinds", "cot,bogus"]) == 1
+    assert "--kinds" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert data_main(["shapes", "--out", str(tmp_path / "mine"), "--n", "2"]) == 1
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert data_main(["validate", str(tmp_path / "nope.jsonl")]) == 1
+    assert "file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        data_main(["shapes"])
+    assert e.value.code == 2
+
+
+def test_print_config(capsys):
+    assert data_main(["shapes", "--out", "unused", "--n", "7", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["n"] == 7 and cfg["kinds"] == ["cot", "direct", "judge"]
+
+
+def test_console_script_installed(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "llavao1_train.data_cli", "shapes", "--out", str(tmp_path / "s"),
+                          "--n", "3", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,126 @@
+"""`llavao1-data`: generate shapes datasets and validate record files.
+
+  llavao1-data shapes --out data/train --n 5000 --seed 1
+  llavao1-data shapes --out data/eval --n 500 --seed 1001 --split eval --kinds cot
+  llavao1-data shapes --out data/mmstyle --n 200 --seed 7 --split eval --format tsv
+  llavao1-data validate data/train/records.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+
+from llavao1_edge.records import RecordError, read_records, read_tsv
+from llavao1_edge.stages import parse_answer
+
+from .shapes.dataset import FORMATS, KINDS, SPLITS, ShapesConfig, write_dataset
+from .shapes.questions import FAMILIES
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llavao1-data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("shapes", help="generate a shapes visual-reasoning dataset",
+                       description="Write DIR/records.jsonl and DIR/images/ (or DIR/records.tsv). "
+                       "The same arguments always give byte-identical output.")
+    d = ShapesConfig()
+    s.add_argument("--out", required=True, help="output folder (created; replaced if it holds a dataset)")
+    s.add_argument("--n", type=int, default=d.n, help=f"number of questions, one image each (default {d.n})")
+    s.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    s.add_argument("--split", choices=SPLITS, default=d.split,
+                   help="train, or eval: questions with reference answers only, no judge examples")
+    s.add_argument("--format", choices=FORMATS, default=d.format,
+                   help="jsonl (LLaVA-CoT conversations) or tsv (VLMEvalKit multiple choice)")
+    s.add_argument("--kinds", type=_csv, default=None,
+                   help=f"records per question, comma list of {','.join(KINDS)} "
+                   "(default: all for train, cot for eval)")
+    s.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels (default %(default)s)")
+    s.add_argument("--mc-fraction", type=float, default=d.mc_fraction,
+                   help="share of multiple-choice questions in jsonl output (default %(default)s)")
+    s.add_argument("--families", type=_csv, default=d.families,
+                   help=f"question families, comma list (default all: {','.join(FAMILIES)})")
+    s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("validate", help="check a records.jsonl or VLMEvalKit .tsv file",
+                       description="Validate every record; for LLaVA-CoT answers also check the four-stage "
+                       "format and, for shapes records, that CONCLUSION equals the stored answer.")
+    v.add_argument("file", help="records.jsonl or .tsv")
+    v.add_argument("--root", help="image root for JSONL (default: the file's folder)")
+    v.add_argument("--json", action="store_true", help="print a JSON summary")
+    return p
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    kinds = args.kinds if args.kinds is not None else (("cot",) if args.split == "eval" else KINDS)
+    cfg = ShapesConfig(n=args.n, seed=args.seed, split=args.split, kinds=kinds, image_size=args.image_size,
+                       mc_fraction=args.mc_fraction, families=args.families, format=args.format)
+    if args.print_config:
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
+    cfg.validate()
+    t0 = time.perf_counter()
+    path = write_dataset(cfg, args.out, progress=False if args.quiet else None)
+    print(f"wrote {path} ({cfg.n} questions, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def validate_file(path: str, root: str | None = None) -> dict:
+    """Counts of records by kind and of problems found; raises RecordError on a bad record."""
+    counts: Counter = Counter()
+    problems: list[str] = []
+    if path.endswith(".tsv"):
+        for _row in read_tsv(path):
+            counts["tsv"] += 1
+        return {"file": path, "records": dict(counts), "problems": problems}
+    for rec in read_records(path, root):
+        kind = rec.meta.get("kind", "record")
+        counts[kind] += 1
+        if kind != "cot":
+            continue
+        parsed = parse_answer(rec.answer)
+        if not parsed.well_formed:
+            problems.append(f"{rec.id}: {'; '.join(parsed.issues)}")
+        if "answer" in rec.meta and parsed.conclusion != rec.meta["answer"]:
+            problems.append(f"{rec.id}: CONCLUSION {parsed.conclusion!r} != answer {rec.meta['answer']!r}")
+    return {"file": path, "records": dict(counts), "problems": problems}
+
+
+def _validate(args: argparse.Namespace) -> int:
+    report = validate_file(args.file, args.root)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        total = sum(report["records"].values())
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(report["records"].items()))
+        print(f"{args.file}: {total} records ({kinds}), {len(report['problems'])} problems")
+        for line in report["problems"][:20]:
+            print(f"  {line}")
+    return 1 if report["problems"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _shapes(args) if args.command == "shapes" else _validate(args)
+    except (RecordError, ValueError, OSError) as e:
+        print(f"llavao1-data: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llavao1-data: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

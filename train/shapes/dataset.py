@@ -1,0 +1,164 @@
+"""Build shapes datasets: one scene and image per question, records of the chosen kinds.
+
+Every question draws from its own RNG seeded by (seed, split, index), so the same arguments give
+byte-identical files and question i does not depend on how many questions are generated.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llavao1_edge.records import IMAGE_TOKEN, MCQuestion, Record, Turn, write_records, write_tsv
+from llavao1_edge.stages import render_answer
+
+from .judge_examples import judge_examples
+from .questions import FAMILIES, Question, make_question
+from .scene import Scene, generate_scene, render_scene
+
+KINDS = ("cot", "direct", "judge")
+SPLITS = ("train", "eval")
+FORMATS = ("jsonl", "tsv")
+
+
+@dataclass
+class ShapesConfig:
+    n: int = 1000  # questions (one scene and image each)
+    seed: int = 0
+    split: str = "train"  # "eval" writes questions with reference answers only
+    kinds: tuple[str, ...] = ("cot", "direct", "judge")  # which records to write per question
+    image_size: int = 128  # pixels, square
+    mc_fraction: float = 0.5  # share of multiple-choice questions (A-D) in jsonl output
+    families: tuple[str, ...] = field(default=FAMILIES)
+    format: str = "jsonl"  # "tsv" writes a VLMEvalKit multiple-choice file
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--n must be at least 1, got {self.n}")
+        if self.split not in SPLITS:
+            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"--kinds takes a comma list of {', '.join(KINDS)}; got {','.join(self.kinds) or 'nothing'}")
+        if self.split == "eval" and "judge" in self.kinds:
+            raise ValueError("--split eval writes questions only; drop 'judge' from --kinds")
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad or not self.families:
+            raise ValueError(f"unknown question families {bad}; known: {', '.join(FAMILIES)}")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"--image-size must be in 32..1024, got {self.image_size}")
+        if not 0.0 <= self.mc_fraction <= 1.0:
+            raise ValueError(f"mc_fraction must be in [0, 1], got {self.mc_fraction}")
+
+
+@dataclass
+class Example:
+    index: int
+    scene: Scene
+    question: Question
+
+
+def build_examples(cfg: ShapesConfig) -> Iterator[Example]:
+    """Questions 0..n-1; family i cycles through cfg.families so every family is covered."""
+    for i in range(cfg.n):
+        rng = random.Random(f"shapes:{cfg.split}:{cfg.seed}:{i}")
+        family = cfg.families[i % len(cfg.families)]
+        form = "mc" if cfg.format == "tsv" or rng.random() < cfg.mc_fraction else "open"
+        while True:  # some scenes allow no unambiguous question of a family: draw another
+            scene = generate_scene(rng)
+            q = make_question(family, scene, rng, form)
+            if q is not None:
+                break
+        yield Example(i, scene, q)
+
+
+def _records_for(ex: Example, cfg: ShapesConfig, image: str) -> list[Record]:
+    q, base = ex.question, f"shapes-{cfg.split}-{cfg.seed}-{ex.index:06d}"
+    meta = {"family": q.family, "form": q.form, "answer": q.answer, "value": q.value,
+            "spec": q.spec, "scene": ex.scene.to_json()}
+    if q.choices:
+        meta["choices"] = q.choices
+    human = f"{IMAGE_TOKEN}\n{q.prompt}"
+    out = []
+    if "cot" in cfg.kinds:
+        out.append(Record(f"{base}-cot", image, [Turn("human", human), Turn("gpt", render_answer(q.stages))],
+                          {**meta, "kind": "cot"}))
+    if "direct" in cfg.kinds:
+        out.append(Record(f"{base}-direct", image, [Turn("human", human), Turn("gpt", q.answer)],
+                          {**meta, "kind": "direct"}))
+    if "judge" in cfg.kinds:
+        rng = random.Random(f"shapes-judge:{cfg.split}:{cfg.seed}:{ex.index}")
+        for j, je in enumerate(judge_examples(q, ex.scene, rng)):
+            prompt = f"{IMAGE_TOKEN}\n{je.prompt}" if je.uses_image else je.prompt
+            out.append(Record(f"{base}-judge{j}-{je.unit}", image if je.uses_image else None,
+                              [Turn("human", prompt), Turn("gpt", je.target)],
+                              {"kind": "judge", "unit": je.unit, "family": q.family}))
+    return out
+
+
+def _png_bytes(scene: Scene, size: int) -> bytes:
+    buf = io.BytesIO()
+    render_scene(scene, size).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def write_dataset(cfg: ShapesConfig, out_dir: str | os.PathLike, progress: bool | None = None) -> Path:
+    """Write DIR/records.jsonl (+ DIR/images/) or DIR/records.tsv; returns the file written.
+
+    The whole dataset is built in a temporary folder beside DIR and moved into place at the end,
+    so an interrupted run leaves DIR as it was.
+    """
+    from tqdm import tqdm
+
+    cfg.validate()
+    out = Path(out_dir)
+    if out.exists() and not _is_dataset_dir(out):
+        raise ValueError(f"{out}: exists and is not a shapes dataset; choose a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    disable = None if progress is None else not progress  # None: show on a terminal only
+    examples = tqdm(build_examples(cfg), total=cfg.n, desc="shapes", unit="q", disable=disable)
+    try:
+        if cfg.format == "tsv":
+            (tmp / "images").rmdir()
+            rows = (MCQuestion(str(ex.index), ex.question.text, ex.question.choices or {},
+                               ex.question.answer, _png_bytes(ex.scene, cfg.image_size), ex.question.family)
+                    for ex in examples)
+            write_tsv(tmp / "records.tsv", rows)
+        else:
+            def records() -> Iterator[Record]:
+                for ex in examples:
+                    rel = f"images/{cfg.split}-{cfg.seed}-{ex.index:06d}.png"
+                    (tmp / rel).write_bytes(_png_bytes(ex.scene, cfg.image_size))
+                    yield from _records_for(ex, cfg, rel)
+            write_records(tmp / "records.jsonl", records())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / ("records.tsv" if cfg.format == "tsv" else "records.jsonl")
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    """An empty folder, or one holding only what write_dataset writes (safe to replace)."""
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {"records.jsonl", "records.tsv", "images"}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished dataset into place; an existing dataset there is replaced."""
+    if dst.exists():
+        stale = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, stale)
+        os.replace(src, dst)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(src, dst)

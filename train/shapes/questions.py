@@ -1,0 +1,339 @@
+"""Question families over a shapes scene, each with a four-stage reference answer.
+
+`make_question` picks a question of a family for a scene (or None when the scene does not allow
+an unambiguous one). `render_stages` turns (family, spec, scene) into the answer value and the
+four stage texts with no randomness, so corrupted judge examples can re-render the stages from a
+perturbed scene. The answer itself is computed from the scene graph by `solve`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llavao1_edge.records import mc_prompt
+
+from .scene import COLORS, SHAPES, SIZES, Scene, ShapeObject
+
+FAMILIES: tuple[str, ...] = (
+    "count_all", "count_color", "count_shape", "count_color_shape",
+    "attribute", "spatial", "compare", "arithmetic",
+)  # fmt: skip
+RELATIONS = ("left", "right", "above", "below")
+SPATIAL_MARGIN = 0.06  # objects closer than this to the reference along the axis are ambiguous
+_LETTERS = "ABCD"
+
+
+@dataclass
+class Question:
+    family: str
+    spec: dict  # structured parameters: filters, relation, asked attribute ...
+    form: str  # "open" or "mc"
+    text: str  # the question itself, without options
+    value: str  # the open-form answer: "3", "red", "yes"
+    choices: dict[str, str] | None  # letter -> option text, for "mc"
+    stages: dict[str, str]  # summary, caption, reasoning, conclusion
+
+    @property
+    def prompt(self) -> str:
+        """What the user asks: the question, plus the options for multiple choice."""
+        return mc_prompt(self.text, self.choices) if self.choices else self.text
+
+    @property
+    def answer(self) -> str:
+        """The exact CONCLUSION: the letter for multiple choice, else the value."""
+        return self.stages["conclusion"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters and phrases.
+
+
+def matches(o: ShapeObject, flt: dict) -> bool:
+    return all(getattr(o, k) == v for k, v in flt.items())
+
+
+def select(scene: Scene, flt: dict) -> list[ShapeObject]:
+    return [o for o in scene.objects if matches(o, flt)]
+
+
+def noun(flt: dict, plural: bool) -> str:
+    """{'color': 'red', 'shape': 'circle'} -> 'red circles'; {} -> 'objects'."""
+    words = [flt[k] for k in ("size", "color") if k in flt]
+    words.append(flt.get("shape", "object") + ("s" if plural else ""))
+    return " ".join(words)
+
+
+def _listing(objs: list[ShapeObject]) -> str:
+    descs = [o.describe() for o in objs]
+    return descs[0] if len(descs) == 1 else ", ".join(descs[:-1]) + " and " + descs[-1]
+
+
+def _counting(n: int) -> str:
+    return ", ".join(str(i) for i in range(1, n + 1))
+
+
+def _are(n: int, what_plural: str, what_singular: str) -> str:
+    return f"There is 1 {what_singular}." if n == 1 else f"There are {n} {what_plural}."
+
+
+def caption_text(scene: Scene) -> str:
+    n = len(scene.objects)
+    if n == 1:
+        return f"The image shows 1 object: {scene.objects[0].describe()}."
+    return f"The image shows {n} objects. From left to right: {_listing(list(scene.objects))}."
+
+
+def _in_relation(ref: ShapeObject, o: ShapeObject, relation: str) -> float:
+    """Signed distance of o from ref along the relation's axis (positive: o is in relation)."""
+    return {"left": ref.x - o.x, "right": o.x - ref.x, "above": ref.y - o.y, "below": o.y - ref.y}[relation]
+
+
+def _relation_phrase(relation: str) -> str:
+    return {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}[relation]
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer, from the scene graph.
+
+
+def solve(family: str, spec: dict, scene: Scene) -> tuple[str, list[ShapeObject]]:
+    """The open-form answer and the objects the reasoning rests on. Tolerates specs that do not
+    fit the scene (perturbed scenes for corrupted examples): "none" when nothing qualifies."""
+    if family == "count_all":
+        return str(len(scene.objects)), list(scene.objects)
+    if family in ("count_color", "count_shape", "count_color_shape"):
+        objs = select(scene, spec["filter"])
+        return str(len(objs)), objs
+    if family == "attribute":
+        objs = select(scene, spec["filter"])
+        return (getattr(objs[0], spec["ask"]) if objs else "none"), objs[:1]
+    if family == "spatial":
+        refs = select(scene, spec["ref"])
+        if not refs:
+            return "none", []
+        cands = [o for o in scene.objects if o is not refs[0] and _in_relation(refs[0], o, spec["relation"]) > SPATIAL_MARGIN]
+        cands.sort(key=lambda o: _in_relation(refs[0], o, spec["relation"]))
+        return (getattr(cands[0], spec["ask"]) if cands else "none"), [refs[0], *cands[:1]]
+    if family == "compare":
+        a, b = select(scene, spec["a"]), select(scene, spec["b"])
+        return ("yes" if len(a) > len(b) else "no"), a + b
+    if family == "arithmetic":
+        removed = select(scene, spec["remove"])
+        return str(len(scene.objects) - len(removed)), removed
+    raise ValueError(f"unknown family {family!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Question text and stage texts.
+
+
+def question_text(family: str, spec: dict) -> str:
+    if family == "count_all":
+        return "How many objects are there?"
+    if family in ("count_color", "count_shape", "count_color_shape"):
+        return f"How many {noun(spec['filter'], True)} are there?"
+    if family == "attribute":
+        return f"What {spec['ask']} is the {noun(spec['filter'], False)}?"
+    if family == "spatial":
+        return f"What {spec['ask']} is the object {_relation_phrase(spec['relation'])} the {noun(spec['ref'], False)}?"
+    if family == "compare":
+        return f"Are there more {noun(spec['a'], True)} than {noun(spec['b'], True)}?"
+    if family == "arithmetic":
+        return f"Remove all {noun(spec['remove'], True)}. How many objects are left?"
+    raise ValueError(f"unknown family {family!r}")
+
+
+def summary_text(family: str, spec: dict, form: str) -> str:
+    if family == "count_all":
+        s = "The question asks for the number of objects. I will describe the objects in the image and count them."
+    elif family in ("count_color", "count_shape", "count_color_shape"):
+        g = noun(spec["filter"], True)
+        s = f"The question asks how many {g} there are. I will describe the objects, pick out the {g} and count them."
+    elif family == "attribute":
+        g = noun(spec["filter"], False)
+        s = f"The question asks for the {spec['ask']} of the {g}. I will describe the objects, find the {g} and report its {spec['ask']}."
+    elif family == "spatial":
+        g, rel = noun(spec["ref"], False), _relation_phrase(spec["relation"])
+        s = (f"The question asks for the {spec['ask']} of the object {rel} the {g}. I will describe the objects, "
+             f"locate the {g}, find the object {rel} it and report its {spec['ask']}.")
+    elif family == "compare":
+        a, b = noun(spec["a"], True), noun(spec["b"], True)
+        s = (f"The question asks whether there are more {a} than {b}. I will describe the objects, "
+             f"count the {a} and the {b}, and compare the two counts.")
+    elif family == "arithmetic":
+        g = noun(spec["remove"], True)
+        s = (f"The question asks how many objects are left after removing all {g}. I will describe the objects, "
+             f"count all of them, count the {g} and subtract.")
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    return s + (" Then I will choose the matching option." if form == "mc" else "")
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _predicate(flt: dict) -> str:
+    """What 'No object is ...' says: 'blue', 'small', 'a red circle'."""
+    if "shape" in flt:
+        return _a(noun(flt, False))
+    return " ".join(flt[k] for k in ("size", "color") if k in flt)
+
+
+def _count_steps(objs: list[ShapeObject], flt: dict) -> str:
+    plural, singular = noun(flt, True), noun(flt, False)
+    if not objs:
+        return f"No object is {_predicate(flt)}. There are 0 {plural}."
+    return f"The {plural} are: {_listing(objs)}. Counting them: {_counting(len(objs))}. {_are(len(objs), plural, singular)}"
+
+
+def reasoning_text(family: str, spec: dict, scene: Scene) -> str:
+    value, objs = solve(family, spec, scene)
+    if family == "count_all":
+        n = len(scene.objects)
+        return f"Counting every object in the description: {_counting(n)}. {_are(n, 'objects', 'object')}"
+    if family in ("count_color", "count_shape", "count_color_shape"):
+        return _count_steps(objs, spec["filter"])
+    if family == "attribute":
+        g = noun(spec["filter"], False)
+        if not objs:
+            return f"No object is {_predicate(spec['filter'])}."
+        return f"The only {g} is {objs[0].describe()}. Its {spec['ask']} is {value}."
+    if family == "spatial":
+        g, rel = noun(spec["ref"], False), _relation_phrase(spec["relation"])
+        if not objs:
+            return f"No object is {_predicate(spec['ref'])}."
+        ref = objs[0]
+        head = f"The {g} is {ref.describe()}."
+        if len(objs) == 1:
+            return f"{head} No object is {rel} it."
+        return f"{head} The only object {rel} it is {objs[1].describe()}. Its {spec['ask']} is {value}."
+    if family == "compare":
+        a, b = select(scene, spec["a"]), select(scene, spec["b"])
+        pa, pb = noun(spec["a"], True), noun(spec["b"], True)
+        cmp = "more than" if len(a) > len(b) else ("equal to" if len(a) == len(b) else "fewer than")
+        verdict = "there are" if value == "yes" else "there are not"
+        return (f"{_count_steps(a, spec['a'])} {_count_steps(b, spec['b'])} {len(a)} is {cmp} {len(b)}, "
+                f"so {verdict} more {pa} than {pb}. The answer is {value}.")
+    if family == "arithmetic":
+        n, k = len(scene.objects), len(objs)
+        left = f"{n - k} object is left." if n - k == 1 else f"{n - k} objects are left."
+        return (f"There are {n} objects in total. {_count_steps(objs, spec['remove'])} "
+                f"Removing {k} from {n} leaves {n} - {k} = {n - k}. {left}")
+    raise ValueError(f"unknown family {family!r}")
+
+
+def render_stages(family: str, spec: dict, scene: Scene, form: str,
+                  choices: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+    """(value, stages) for a question on `scene`; deterministic."""
+    value, _ = solve(family, spec, scene)
+    reasoning = reasoning_text(family, spec, scene)
+    conclusion = value
+    if form == "mc":
+        assert choices is not None
+        letter = next((k for k, v in choices.items() if v == value), None)
+        if letter is None:
+            reasoning += f" The answer {value} is not among the options."
+            conclusion = "none"
+        else:
+            reasoning += f" The answer {value} matches option {letter}."
+            conclusion = letter
+    stages = {
+        "summary": summary_text(family, spec, form),
+        "caption": caption_text(scene),
+        "reasoning": reasoning,
+        "conclusion": conclusion,
+    }
+    return value, stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Picking a question for a scene.
+
+
+def _pick_filter(rng: random.Random, scene: Scene, keys: tuple[str, ...], present_p: float = 0.8) -> dict:
+    """A filter over `keys`, usually one that matches some object of the scene."""
+    if rng.random() < present_p:
+        o = rng.choice(scene.objects)
+        return {k: getattr(o, k) for k in keys}
+    pools = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}
+    return {k: rng.choice(pools[k]) for k in keys}
+
+
+def pick_spec(family: str, scene: Scene, rng: random.Random) -> dict | None:
+    if family == "count_all":
+        return {}
+    if family == "count_color":
+        return {"filter": _pick_filter(rng, scene, ("color",))}
+    if family == "count_shape":
+        return {"filter": _pick_filter(rng, scene, ("shape",))}
+    if family == "count_color_shape":
+        return {"filter": _pick_filter(rng, scene, ("color", "shape"))}
+    if family == "attribute":
+        options = []
+        for ask, keys in (("color", ("shape",)), ("shape", ("color",)), ("size", ("color", "shape"))):
+            for o in scene.objects:
+                flt = {k: getattr(o, k) for k in keys}
+                if len(select(scene, flt)) == 1:
+                    options.append({"ask": ask, "filter": flt})
+        return rng.choice(options) if options else None
+    if family == "spatial":
+        options = []
+        for ref in scene.objects:
+            flt = {"color": ref.color, "shape": ref.shape}
+            if len(select(scene, flt)) != 1:
+                continue
+            for rel in RELATIONS:
+                dists = [_in_relation(ref, o, rel) for o in scene.objects if o is not ref]
+                inside = [d for d in dists if d > SPATIAL_MARGIN]
+                ambiguous = [d for d in dists if abs(d) <= SPATIAL_MARGIN]
+                if len(inside) == 1 and not ambiguous:
+                    for ask in ("shape", "color"):
+                        options.append({"relation": rel, "ref": flt, "ask": ask})
+        return rng.choice(options) if options else None
+    if family == "compare":
+        key = rng.choice(("shape", "color"))
+        pool = list(SHAPES) if key == "shape" else list(COLORS)
+        a, b = rng.sample(pool, 2)
+        return {"a": {key: a}, "b": {key: b}}
+    if family == "arithmetic":
+        keys = rng.choice((("color",), ("shape",), ("size",), ("color", "shape")))
+        return {"remove": _pick_filter(rng, scene, keys, present_p=0.9)}
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _choices_for(family: str, spec: dict, value: str, rng: random.Random) -> dict[str, str]:
+    if value.isdigit():
+        n = int(value)
+        pool = [str(v) for v in range(max(0, n - 3), n + 4) if v != n]
+        opts = [value, *rng.sample(pool, 3)]
+    elif value in ("yes", "no"):
+        opts = ["yes", "no"]
+    elif value in COLORS:
+        opts = [value, *rng.sample([c for c in COLORS if c != value], 3)]
+    elif value in SHAPES:
+        opts = list(SHAPES)
+    elif value in SIZES:
+        opts = list(SIZES)
+    else:
+        raise ValueError(f"no options for answer {value!r}")
+    rng.shuffle(opts)
+    return dict(zip(_LETTERS, opts, strict=False))
+
+
+def make_question(family: str, scene: Scene, rng: random.Random, form: str = "open") -> Question | None:
+    """A question of `family` about `scene` in `form` ("open" or "mc"), or None if the scene
+    allows no unambiguous question of that family."""
+    if form not in ("open", "mc"):
+        raise ValueError(f"form must be 'open' or 'mc', got {form!r}")
+    spec = pick_spec(family, scene, rng)
+    if spec is None:
+        return None
+    value, _ = solve(family, spec, scene)
+    text = question_text(family, spec)
+    choices = None
+    if form == "mc":
+        choices = _choices_for(family, spec, value, rng)
+    _, stages = render_stages(family, spec, scene, form, choices)
+    return Question(family, spec, form, text, value, choices, stages)
