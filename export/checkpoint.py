@@ -1,0 +1,159 @@
+"""Reading a local Hugging Face LLaVA checkpoint: config, safetensors, tokenizer, processor.
+
+Every problem is an ExportError with one line naming the file and what is wrong; nothing is
+downloaded (a hub id gets a message that the weights must be on disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+SUPPORTED_TEXT = ("llama", "mistral")
+SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
+
+
+class ExportError(ValueError):
+    """A checkpoint or file that cannot be exported; the message says which and why."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    tensors: dict[str, np.ndarray]  # float32, Hugging Face names
+    tokenizer: dict  # tokenizer.json
+    tokenizer_config: dict
+    chat_template: str | None
+    image_mean: list[float]
+    image_std: list[float]
+    sha256: str  # of the safetensors files, in name order
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def text_config(self) -> dict:
+        return self.config["text_config"]
+
+    @property
+    def vision_config(self) -> dict:
+        return self.config["vision_config"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ExportError(f"{path}: missing ({what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+
+
+def _safetensors_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index, "shard index")["weight_map"].values()))
+        files = [root / n for n in names]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        bins = list(root.glob("*.bin")) + list(root.glob("*.pt"))
+        hint = " (only pickle .bin/.pt weights found; re-save with safe_serialization=True)" if bins else ""
+        raise ExportError(f"{root}: no .safetensors weights{hint}")
+    for f in files:
+        if not f.is_file():
+            raise ExportError(f"{f}: missing weight shard named in the index")
+    return files
+
+
+# Checkpoints on disk use either layout (transformers 5 saves the legacy one); we use the new one.
+_LEGACY_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def canonical_name(key: str) -> str:
+    for old, new in _LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _load_tensors(files: list[Path]) -> tuple[dict[str, np.ndarray], str]:
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    tensors[canonical_name(key)] = st.get_tensor(key).to(torch.float32).numpy()
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ExportError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+    return tensors, digest.hexdigest()
+
+
+def _image_stats(root: Path) -> tuple[list[float], list[float]]:
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        p = root / name
+        if p.is_file():
+            cfg = _read_json(p, "processor config")
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg and "image_std" in cfg:
+                return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
+    raise ExportError(f"{root}: no preprocessor_config.json or processor_config.json with image_mean/image_std")
+
+
+def load_checkpoint(model_dir: str | Path) -> Checkpoint:
+    root = Path(model_dir)
+    if not root.exists():
+        if "/" in str(model_dir) and not str(model_dir).startswith((".", "/", "~")) and str(model_dir).count("/") == 1:
+            raise ExportError(f"{model_dir}: looks like a hub id; download the weights to a folder first "
+                              "(llavao1-edge never downloads at run time)")
+        raise ExportError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise ExportError(f"{root}: not a folder (expected a Hugging Face checkpoint folder)")
+    config = _read_json(root / "config.json", "model config")
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ExportError(f"{root / 'config.json'}: architecture {archs or 'unknown'} is not supported; "
+                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} with {'/'.join(SUPPORTED_TEXT)} "
+                          f"decoders and {'/'.join(SUPPORTED_VISION)} towers")
+    text_type = config.get("text_config", {}).get("model_type")
+    vision_type = config.get("vision_config", {}).get("model_type")
+    if text_type not in SUPPORTED_TEXT:
+        raise ExportError(f"{root / 'config.json'}: text decoder {text_type!r} is not supported; "
+                          f"supported: {', '.join(SUPPORTED_TEXT)}")
+    if vision_type not in SUPPORTED_VISION:
+        raise ExportError(f"{root / 'config.json'}: vision tower {vision_type!r} is not supported; "
+                          f"supported: {', '.join(SUPPORTED_VISION)}")
+    tokenizer = _read_json(root / "tokenizer.json", "fast tokenizer")
+    tok_cfg_path = root / "tokenizer_config.json"
+    tokenizer_config = _read_json(tok_cfg_path, "tokenizer config") if tok_cfg_path.is_file() else {}
+    template_file = root / "chat_template.jinja"
+    chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else \
+        tokenizer_config.get("chat_template")
+    mean, std = _image_stats(root)
+    tensors, sha = _load_tensors(_safetensors_files(root))
+    ckpt = Checkpoint(root, config, tensors, tokenizer, tokenizer_config, chat_template, mean, std, sha)
+    if vision_type == "clip_vision_model":
+        ckpt.warnings.append(
+            "CLIP tower with a CLS token: llama.cpp 0.3.36 places CLS after the patches while positions "
+            "assume it first (llama.cpp issue #25814); image embeddings will differ, and verify will show it")
+    return ckpt
