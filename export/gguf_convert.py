@@ -281,8 +281,8 @@ def write_plan(plan: PlannedFile, path: Path) -> None:
                 writer.add_key_value(key, value, vtype)
         for name, data, qtype in plan.tensors:
             enc = _encode(data, qtype)
-            writer.add_tensor(name, enc, raw_shape=data.shape if qtype == Q.BF16 else None,
-                              raw_dtype=qtype if qtype == Q.BF16 else None)
+            # BF16 arrives as bytes; the writer derives the element shape from raw_dtype.
+            writer.add_tensor(name, enc, raw_dtype=qtype if qtype == Q.BF16 else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)

@@ -1,0 +1,94 @@
+"""The Python API applications embed.
+
+    from llavao1_edge import Reasoner
+    with Reasoner() as r:                       # the shipped model, or Reasoner("m.gguf", "mmproj.gguf")
+        result = r.ask("photo.jpg", "How many red circles are there?", strategy="stage", candidates=4)
+        print(result.answer, result.stages["reasoning"])
+        for event in r.stream(image_bytes, "What color is the square?"):
+            ...
+
+Threads: one Reasoner runs one search at a time (calls are serialised by a lock). For parallel
+questions, open one Reasoner per thread; each holds its own llama.cpp context.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import fields, replace
+from pathlib import Path
+
+from .engine import Engine, EngineConfig
+from .images import ImageSource
+from .search import Event, SearchConfig, SearchResult, search_events
+
+MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL = "shapes-tiny"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def shipped_model_paths(name: str = DEFAULT_MODEL) -> tuple[Path, Path]:
+    """The text model and projector the package ships under llavao1_edge/models/NAME/."""
+    folder = MODELS_DIR / name
+    texts = sorted(p for p in folder.glob("*.gguf") if not p.name.startswith("mmproj")) if folder.is_dir() else []
+    projs = sorted(folder.glob("mmproj*.gguf")) if folder.is_dir() else []
+    if not texts or not projs:
+        raise ModelNotFound(f"no shipped model {name!r} in {folder}; pass --model TEXT.gguf --mmproj MMPROJ.gguf "
+                            "(this build of llavao1-edge ships no default model yet)")
+    preferred = [p for p in texts if "q8_0" in p.name.lower()] or texts  # the size/accuracy point we ship
+    return preferred[0], projs[0]
+
+
+def _search_config(config: SearchConfig | None, overrides: dict) -> SearchConfig:
+    names = {f.name for f in fields(SearchConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown search settings: {', '.join(unknown)}")
+    return replace(config or SearchConfig(), **overrides)
+
+
+class Reasoner:
+    """A model opened for questions. `close()` (or a with-block) frees its native memory."""
+
+    def __init__(self, model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None,
+                 engine_config: EngineConfig | None = None, **engine_overrides):
+        if model is None:
+            model, shipped_proj = shipped_model_paths()
+            mmproj = mmproj or shipped_proj
+        cfg = replace(engine_config or EngineConfig(), **engine_overrides)
+        self.engine = Engine(model, mmproj, cfg)
+        self._lock = threading.Lock()
+
+    def ask(self, image: ImageSource | None, question: str, config: SearchConfig | None = None, *,
+            on_event: Callable[[Event], None] | None = None,
+            cancel: threading.Event | Callable[[], bool] | None = None, **settings) -> SearchResult:
+        """Answer one question about one image (or none). Settings override SearchConfig fields."""
+        result = None
+        for ev in self.stream(image, question, config, cancel=cancel, **settings):
+            if on_event is not None:
+                on_event(ev)
+            if ev.kind == "done":
+                result = ev.data["result"]
+        assert result is not None
+        return result
+
+    def stream(self, image: ImageSource | None, question: str, config: SearchConfig | None = None, *,
+               cancel: threading.Event | Callable[[], bool] | None = None, **settings) -> Iterator[Event]:
+        """Events as the search runs; the last is "done" with the result in data["result"]."""
+        cfg = _search_config(config, settings)
+        with self._lock:
+            yield from search_events(self.engine, image, question, cfg, cancel)
+
+    def close(self) -> None:
+        with self._lock:
+            self.engine.close()
+
+    def __enter__(self) -> Reasoner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

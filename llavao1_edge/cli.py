@@ -1,0 +1,169 @@
+"""`llavao1-edge`: ask a vision-language model a question, reasoning in four stages.
+
+examples:
+  llavao1-edge run photo.png "How many red circles are there?"
+  llavao1-edge run photo.png "Which shape is left of the blue square?" --search stage --candidates 4 -v
+  llavao1-edge run photo.png "What color is the triangle?" --model m.gguf --mmproj mmproj.gguf --json
+  llavao1-edge info model.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from .search import SELECTORS, STRATEGIES, SearchConfig
+from .stages import STAGE_BY_NAME
+
+EXIT_BAD_INPUT, EXIT_USAGE = 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llavao1-edge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = SearchConfig()
+    r = sub.add_parser("run", help="answer a question about an image",
+                       description="Answer QUESTION about IMAGE. Stages are printed as they are chosen.")
+    r.add_argument("image", help="image file (PNG, JPEG, ...)")
+    r.add_argument("question")
+    r.add_argument("--model", help="text model GGUF (default: the model the package ships)")
+    r.add_argument("--mmproj", help="vision projector GGUF that belongs to --model")
+    r.add_argument("--search", choices=STRATEGIES, default=d.strategy,
+                   help="greedy: no search; stage: LLaVA-CoT stage-level beam search (default); "
+                   "best-of-n: N whole answers; sentence: sentence-level beam search")
+    r.add_argument("--candidates", "-n", type=int, default=d.candidates, help="N candidates (default %(default)s)")
+    r.add_argument("--selector", choices=SELECTORS, default=d.selector,
+                   help="judge: the model judges pairs (default); logprob: mean token log-probability; "
+                   "vote: majority over conclusions")
+    r.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default %(default)s)")
+    r.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling (default %(default)s)")
+    r.add_argument("--seed", type=int, default=d.seed, help="random seed; the same seed gives the same answer")
+    r.add_argument("--max-stage-tokens", type=int, default=d.max_stage_tokens, help="token budget per stage")
+    r.add_argument("--timeout", type=float, help="stop after this many seconds and print what is done")
+    fmt = r.add_mutually_exclusive_group()
+    fmt.add_argument("--force-format", dest="force_format", action="store_true", default=None,
+                     help="instruct the four-stage format and force each opening tag (automatic for "
+                     "models without llavao1 stage metadata)")
+    fmt.add_argument("--no-force-format", dest="force_format", action="store_false")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    r.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1: all)")
+    r.add_argument("--ctx", type=int, default=4096, help="KV cache size in tokens, shared by all candidates")
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    r.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    r.add_argument("-v", "--verbose", action="store_true", help="also show candidates, verdicts and timings")
+
+    i = sub.add_parser("info", help="describe a GGUF model file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _search_config(args) -> SearchConfig:
+    cfg = SearchConfig(strategy=args.search, candidates=args.candidates, selector=args.selector,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                       max_stage_tokens=args.max_stage_tokens, timeout_s=args.timeout,
+                       force_format=args.force_format)
+    cfg.validate()
+    return cfg
+
+
+class _Printer:
+    """Writes the stages to the terminal as they are chosen; -v adds candidates and verdicts."""
+
+    def __init__(self, verbose: bool, greedy: bool):
+        self.verbose, self.greedy = verbose, greedy
+        self.stage = None
+
+    def __call__(self, ev) -> None:
+        out, err = sys.stdout, sys.stderr
+        if self.greedy and ev.kind == "token":
+            out.write(ev.text)
+            out.flush()
+        elif ev.kind == "stage_chosen" and not self.greedy:
+            label = STAGE_BY_NAME[ev.stage].tag if ev.stage in STAGE_BY_NAME else ev.stage.upper()
+            text = ev.data.get("stage_text", ev.text.strip())
+            out.write(f"{label:<11} {text}\n")
+            out.flush()
+        elif self.verbose and ev.kind == "candidate_finished":
+            err.write(f"  [{ev.stage or 'answer'} #{ev.candidate}] ({ev.data['finish']}, "
+                      f"logprob {ev.data['mean_logprob']:.2f}) {ev.text.strip()[:160]}\n")
+        elif self.verbose and ev.kind == "judge_decision":
+            d = ev.data
+            err.write(f"  judge {ev.stage}: #{d['first']} vs #{d['second']} -> #{d['winner']}: {d['verdict'].strip()[:160]}\n")
+
+
+def _run(args) -> int:
+    from .api import Reasoner
+
+    cfg = _search_config(args)
+    engine = {"n_threads": args.threads, "n_gpu_layers": args.gpu_layers, "n_ctx": args.ctx,
+              "n_seq_max": max(16, 2 * cfg.candidates + 1)}
+    if args.print_config:
+        print(json.dumps({"search": asdict(cfg), "engine": engine, "model": args.model, "mmproj": args.mmproj}, indent=2))
+        return 0
+    if (args.model is None) != (args.mmproj is None):
+        print("llavao1-edge: --model and --mmproj go together (a text model and the projector that belongs to it)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    printer = None if args.json else _Printer(args.verbose, cfg.strategy == "greedy")
+    with Reasoner(args.model, args.mmproj, **engine) as r:
+        result = r.ask(args.image, args.question, cfg, on_event=printer)
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return 0
+    if cfg.strategy == "greedy":
+        print()
+    if result.flags:
+        print(f"note: {'; '.join(result.flags)}", file=sys.stderr)
+    print(f"answer: {result.answer if result.answer is not None else '(no CONCLUSION stage)'}")
+    if args.verbose:
+        t = result.timings
+        print(f"time {t['total_s']:.2f} s (image {t.get('image_encode_s', 0):.2f}, prefill {t.get('prefill_s', 0):.2f}, "
+              f"decode {t.get('decode_s', 0):.2f}, judge {t.get('judge_s', 0):.2f}); tokens {result.tokens}",
+              file=sys.stderr)
+    return 0
+
+
+def _info(args) -> int:
+    from .modelfile import describe
+
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info.to_json(), default=str))
+        return 0
+    mib = info.size_bytes / 2**20
+    print(f"{info.path}\n  architecture  {info.architecture}\n  name          {info.name}\n"
+          f"  size          {mib:.1f} MiB, {info.n_params:,} parameters in {info.n_tensors} tensors")
+    print("  tensor types  " + ", ".join(f"{k} x{v}" for k, v in sorted(info.tensor_types.items())))
+    for k, v in info.facts.items():
+        print(f"  {k:<13} {v}" if len(k) <= 13 else f"  {k} {v}")
+    if not info.is_projector:
+        print(f"  four stages   {'yes (trained on the LLaVA-CoT format)' if info.stage_format else 'no (the runtime will force the tags)'}")
+        print(f"  chat template {'yes' if info.chat_template else 'no'}")
+    for k, v in info.metadata.items():
+        print(f"  {k} {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .api import ModelNotFound
+    from .engine import EngineError
+    from .images import ImageError
+    from .modelfile import ModelFileError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args) if args.command == "run" else _info(args)
+    except (ModelFileError, ImageError, ModelNotFound, EngineError, ValueError, OSError) as e:
+        print(f"llavao1-edge: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\nllavao1-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

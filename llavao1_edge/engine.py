@@ -1,0 +1,480 @@
+"""llama.cpp through llama-cpp-python's low-level and mtmd bindings: the only ctypes in the runtime.
+
+One context holds many sequences in a unified KV cache, so candidates and judge prompts fork
+from a shared prefix without copying it. Image embeddings are cached (LRU) and sequence 0
+keeps the last prompt: a new prompt that starts the same way (the same image) re-decodes only
+what differs. Both files are validated with the gguf reader first (modelfile.py): a bad file
+raises instead of aborting the host process.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .images import ImageSource, load_image
+from .modelfile import ModelFileError, check_model_pair, has_stage_format
+
+
+@dataclass
+class EngineConfig:
+    n_ctx: int = 4096  # KV cells shared by all sequences (prompt + candidates + judges)
+    n_batch: int = 512  # tokens per llama_decode call
+    n_seq_max: int = 16  # parallel sequences: 1 main + candidates / judge prompts
+    n_threads: int = 0  # 0: all physical cores (os.cpu_count())
+    n_gpu_layers: int = 0  # Metal/CUDA offload when the build has it; -1 = all
+    kv_f32: bool = False  # F32 KV cache: exact parity with transformers (default F16: half the memory)
+    flash_attn: bool | None = None  # None: llama.cpp decides; False for parity tests
+    image_cache: int = 8  # encoded images kept (LRU)
+    verbose: bool = False  # let llama.cpp print its logs
+
+
+class EngineError(RuntimeError):
+    """llama.cpp refused or failed an operation (not a bad input file: see ModelFileError)."""
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_log_callbacks: list = []  # ctypes callbacks must outlive every call into llama.cpp
+
+
+def _init_backend(verbose: bool) -> None:
+    global _backend_ready
+    import llama_cpp as L
+    import llama_cpp.mtmd_cpp as M
+
+    with _backend_lock:
+        if not _backend_ready:
+            L.llama_backend_init()
+            _backend_ready = True
+        if not verbose and not _log_callbacks:
+            quiet = L.llama_log_callback(lambda level, text, user: None)
+            _log_callbacks.append(quiet)
+            L.llama_log_set(quiet, None)
+            M.mtmd_log_set(quiet, None)
+            M.mtmd_helper_log_set(quiet, None)
+
+
+@dataclass
+class TextChunk:
+    tokens: list[int]
+
+    @property
+    def keys(self) -> list:
+        return list(self.tokens)
+
+
+@dataclass
+class ImageChunk:
+    chunk: object  # mtmd_input_chunk* (owned copy)
+    image_key: str  # sha256 of the RGB pixels and size
+    n_tokens: int  # KV cells the image takes
+    n_pos: int  # positions it advances (differs from n_tokens for M-RoPE models)
+
+    @property
+    def keys(self) -> list:
+        return [("image", self.image_key, i) for i in range(self.n_tokens)]
+
+
+@dataclass
+class Prompt:
+    chunks: list[TextChunk | ImageChunk]
+
+    @property
+    def keys(self) -> list:
+        return [k for c in self.chunks for k in c.keys]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(c.tokens) if isinstance(c, TextChunk) else c.n_tokens for c in self.chunks)
+
+
+@dataclass
+class PrefillStats:
+    image_encode_s: float = 0.0
+    prefill_s: float = 0.0
+    tokens_evaluated: int = 0  # prompt tokens actually decoded (the rest came from the cache)
+    tokens_reused: int = 0
+    image_cache_hit: bool = False
+
+
+@dataclass
+class SeqState:
+    """Where a sequence stands: its next position and the logits for its next token."""
+
+    seq: int
+    pos: int
+    logits: np.ndarray = field(repr=False)
+
+
+class Engine:
+    """A loaded text model + projector and one multi-sequence llama.cpp context.
+
+    Not thread-safe by itself: callers serialise (llavao1_edge.api.Reasoner holds a lock).
+    """
+
+    def __init__(self, model: str | os.PathLike, mmproj: str | os.PathLike | None = None,
+                 config: EngineConfig | None = None):
+        import llama_cpp as L
+
+        self.config = cfg = config or EngineConfig()
+        self.model_path, self.mmproj_path = str(model), (str(mmproj) if mmproj else None)
+        reader = check_model_pair(model, mmproj)  # raises ModelFileError on anything llama.cpp may abort on
+        self.stage_format = has_stage_format(reader)
+        self.chat_template = reader.fields["tokenizer.chat_template"].contents() \
+            if "tokenizer.chat_template" in reader.fields else None
+        del reader
+        _init_backend(cfg.verbose)
+        self._L = L
+        self._model = self._ctx = self._mctx = None
+        self._batch = None
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = cfg.n_gpu_layers
+        self._model = L.llama_model_load_from_file(self.model_path.encode(), mp)
+        if not self._model:
+            raise ModelFileError(f"{self.model_path}: llama.cpp could not load this model")
+        try:
+            self._vocab = L.llama_model_get_vocab(self._model)
+            self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+            threads = cfg.n_threads or max(1, (os.cpu_count() or 2))
+            cp = L.llama_context_default_params()
+            cp.n_ctx, cp.n_batch, cp.n_ubatch = cfg.n_ctx, cfg.n_batch, cfg.n_batch
+            cp.n_seq_max, cp.kv_unified = cfg.n_seq_max, True
+            cp.n_threads = cp.n_threads_batch = threads
+            if cfg.kv_f32:
+                cp.type_k = cp.type_v = L.GGML_TYPE_F32
+            if cfg.flash_attn is not None:
+                cp.flash_attn_type = 1 if cfg.flash_attn else 0
+            self._ctx = L.llama_init_from_model(self._model, cp)
+            if not self._ctx:
+                raise EngineError(f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, n_seq_max={cfg.n_seq_max})")
+            self._mem = L.llama_get_memory(self._ctx)
+            self._batch = L.llama_batch_init(cfg.n_batch, 0, cfg.n_seq_max)
+            self.n_embd = L.llama_model_n_embd_inp(self._model)
+            if self.mmproj_path:
+                self._init_mtmd(threads)
+        except BaseException:
+            self.close()
+            raise
+        self._images: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> embeddings
+        self._seq0_keys: list = []  # what sequence 0 holds, one key per KV cell, for prefix reuse
+        self._seq0_pos = 0
+        self._seq0_logits: np.ndarray | None = None
+
+    def _init_mtmd(self, threads: int) -> None:
+        import llama_cpp.mtmd_cpp as M
+
+        self._M = M
+        mp = M.mtmd_context_params_default()
+        mp.use_gpu = self.config.n_gpu_layers != 0
+        mp.n_threads = threads
+        mp.print_timings = False
+        if self.config.flash_attn is not None:
+            mp.flash_attn_type = 1 if self.config.flash_attn else 0
+        self._mctx = M.mtmd_init_from_file(self.mmproj_path.encode(), self._model, mp)
+        if not self._mctx:
+            raise ModelFileError(f"{self.mmproj_path}: llama.cpp could not load this projector")
+        self.marker = M.mtmd_default_marker().decode()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free native memory. Safe to call twice."""
+        L = self._L if hasattr(self, "_L") else None
+        if L is None:
+            return
+        if getattr(self, "_mctx", None):
+            self._M.mtmd_free(self._mctx)
+            self._mctx = None
+        if getattr(self, "_batch", None) is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _alive(self) -> None:
+        if not self._ctx:
+            raise EngineError("the engine is closed")
+
+    @property
+    def has_vision(self) -> bool:
+        return bool(self._mctx)
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self._L.llama_token * cap)()
+        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
+        if n < 0:
+            raise EngineError(f"tokenize: text needs {-n} tokens, buffer held {cap}")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as text (special tokens rendered)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._L.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._L.llama_token_to_piece(self._vocab, token, buf, -n, 0, True)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
+
+    @staticmethod
+    def text_decoder():
+        """An incremental UTF-8 decoder for streaming pieces (multi-byte characters split across tokens)."""
+        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    # -- prompts with images --------------------------------------------------------------------
+
+    def prepare(self, text: str, image: ImageSource | None = None) -> Prompt:
+        """Tokenize a prompt; `text` holds self.marker where the image goes."""
+        self._alive()
+        if image is None:
+            if self.has_vision and self.marker in text:
+                raise ValueError("the prompt has an image marker but no image was given")
+            return Prompt([TextChunk(self.tokenize(text))])
+        if not self.has_vision:
+            raise ValueError(f"{self.model_path}: no projector (mmproj) loaded, so images cannot be used")
+        img = load_image(image)
+        rgb = np.asarray(img, dtype=np.uint8)
+        key = hashlib.sha256(f"{img.width}x{img.height}".encode() + rgb.tobytes()).hexdigest()
+        M = self._M
+        bitmap = M.mtmd_bitmap_init(img.width, img.height, (ctypes.c_ubyte * rgb.size).from_buffer_copy(rgb.tobytes()))
+        chunks = M.mtmd_input_chunks_init()
+        try:
+            data = text.encode("utf-8")
+            itext = M.mtmd_input_text()
+            itext.text, itext.text_len, itext.add_special, itext.parse_special = data, len(data), False, True
+            bitmaps = (ctypes.c_void_p * 1)(bitmap)
+            rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
+            if rc != 0:
+                raise ValueError(f"mtmd could not tokenize the prompt (code {rc}): it needs exactly one "
+                                 f"{self.marker} marker for the image")
+            out: list[TextChunk | ImageChunk] = []
+            for i in range(M.mtmd_input_chunks_size(chunks)):
+                ch = M.mtmd_input_chunks_get(chunks, i)
+                if M.mtmd_input_chunk_get_type(ch) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t(0)
+                    ptr = M.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                    out.append(TextChunk(list(ptr[: n.value])))
+                else:
+                    out.append(ImageChunk(M.mtmd_input_chunk_copy(ch), key, M.mtmd_input_chunk_get_n_tokens(ch),
+                                          M.mtmd_input_chunk_get_n_pos(ch)))
+            return Prompt(out)
+        finally:
+            M.mtmd_input_chunks_free(chunks)
+            M.mtmd_bitmap_free(bitmap)
+
+    def free_prompt(self, prompt: Prompt) -> None:
+        for c in prompt.chunks:
+            if isinstance(c, ImageChunk) and c.chunk:
+                self._M.mtmd_input_chunk_free(c.chunk)
+                c.chunk = None
+
+    def _embeddings(self, chunk: ImageChunk, stats: PrefillStats) -> np.ndarray:
+        cached = self._images.get(chunk.image_key)
+        if cached is not None:
+            self._images.move_to_end(chunk.image_key)
+            stats.image_cache_hit = True
+            return cached
+        t0 = time.perf_counter()
+        rc = self._M.mtmd_encode_chunk(self._mctx, chunk.chunk)
+        if rc != 0:
+            raise EngineError(f"image encoding failed (code {rc})")
+        ptr = self._M.mtmd_get_output_embd(self._mctx)
+        embd = np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens * self.n_embd,)).copy()
+        stats.image_encode_s += time.perf_counter() - t0
+        self._images[chunk.image_key] = embd
+        while len(self._images) > self.config.image_cache:
+            self._images.popitem(last=False)
+        return embd
+
+    def _plan(self, prompt: Prompt) -> tuple[int, list[tuple[TextChunk | ImageChunk, int, int]]]:
+        """What of `prompt` sequence 0's last prompt already holds: (position where the shared
+        part ends, [(chunk, tokens of it already held, position the chunk starts at)] to decode)."""
+        keys = prompt.keys
+        common = 0
+        for a, b in zip(self._seq0_keys, keys, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(keys) - 1)  # decode at least the last token, for its logits
+        cell = pos = 0
+        shared_end: int | None = None
+        todo = []
+        for chunk in prompt.chunks:
+            span = len(chunk.keys)
+            keep = min(max(common - cell, 0), span)
+            if isinstance(chunk, ImageChunk) and keep < span:
+                keep = 0  # an image is shared whole or decoded again (from cached embeddings)
+            if keep < span:
+                if shared_end is None:
+                    shared_end = pos + keep
+                todo.append((chunk, keep, pos))
+            cell += span
+            pos += chunk.n_pos if isinstance(chunk, ImageChunk) else span
+        if not todo or not isinstance(todo[-1][0], TextChunk):
+            raise EngineError("the prompt must end with text (the generation prompt)")
+        return shared_end or 0, todo
+
+    def _decode_todo(self, seq: int, todo, stats: PrefillStats, last_batched: bool):
+        """Decode planned chunks into `seq`; with last_batched the final text is returned undecoded."""
+        logits = None
+        for i, (chunk, keep, start) in enumerate(todo):
+            if isinstance(chunk, ImageChunk):
+                self._decode_image(chunk, start, stats, seq)
+                continue
+            rest = chunk.tokens[keep:]
+            stats.tokens_evaluated += len(rest)
+            if last_batched and i == len(todo) - 1:
+                return (seq, rest, start + keep)
+            logits = self.decode_tokens(seq, rest, start + keep)
+        return logits
+
+    def eval_prompt(self, prompt: Prompt) -> tuple[SeqState, PrefillStats]:
+        """Evaluate `prompt` into sequence 0, reusing what sequence 0 already holds of it.
+
+        All other sequences are cleared. Returns the state after the prompt."""
+        self._alive()
+        stats = PrefillStats()
+        t0 = time.perf_counter()
+        for s in range(1, self.config.n_seq_max):
+            self.drop(s)
+        keys = prompt.keys
+        if keys == self._seq0_keys and self._seq0_logits is not None:  # the very same prompt again
+            stats.tokens_reused = len(keys)
+        else:
+            shared_end, todo = self._plan(prompt)
+            self.drop(0, shared_end, -1)
+            logits = self._decode_todo(0, todo, stats, last_batched=False)
+            stats.tokens_reused = len(keys) - stats.tokens_evaluated
+            end = todo[-1]
+            self._seq0_keys, self._seq0_logits = keys, logits
+            self._seq0_pos = end[2] + len(end[0].tokens)
+        stats.prefill_s = time.perf_counter() - t0 - stats.image_encode_s
+        return SeqState(0, self._seq0_pos, self._seq0_logits.copy()), stats
+
+    def _decode_image(self, chunk: ImageChunk, pos: int, stats: PrefillStats, seq: int = 0) -> int:
+        embd = self._embeddings(chunk, stats)
+        new_pos = ctypes.c_int(0)
+        rc = self._M.mtmd_helper_decode_image_chunk(
+            self._mctx, self._ctx, chunk.chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            pos, seq, self.config.n_batch, ctypes.byref(new_pos), self._M.mtmd_helper_post_decode_callback(), None)
+        if rc != 0:
+            raise EngineError(f"decoding the image failed (code {rc}); is n_ctx ({self.config.n_ctx}) large enough?")
+        stats.tokens_evaluated += chunk.n_tokens
+        return new_pos.value
+
+    def forget_seq0(self) -> None:
+        """Sequence 0 is about to change outside eval_prompt: prefix reuse must not trust it."""
+        self._seq0_keys, self._seq0_logits = [], None
+
+    def commit_seq0(self, keys_added: list, pos: int, logits: np.ndarray) -> None:
+        """Record tokens appended to sequence 0 by generation, so a follow-up prompt can reuse them."""
+        self._seq0_keys += keys_added
+        self._seq0_pos, self._seq0_logits = pos, logits.copy()
+
+    # -- sequences and decoding ------------------------------------------------------------------
+
+    def fork(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Make sequence `dst` share `src`'s cells in [p0, p1) (all by default); no copying."""
+        self._L.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        self._L.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def drop(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self._L.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    def adopt(self, src: int, dst: int, p0: int) -> None:
+        """Replace `dst` from position p0 on with what `src` holds there (a chosen candidate)."""
+        self._L.llama_memory_seq_rm(self._mem, dst, p0, -1)
+        self._L.llama_memory_seq_cp(self._mem, src, dst, p0, -1)
+
+    def eval_forked(self, prompts: list[Prompt], seqs: list[int]) -> tuple[list[SeqState], PrefillStats]:
+        """Evaluate each prompt into its own sequence, sharing with sequence 0 the cells of the
+        last eval_prompt that it starts with (the chat header and the image, for judge prompts).
+        The final text of all prompts is decoded together in one batch."""
+        self._alive()
+        stats = PrefillStats()
+        t0 = time.perf_counter()
+        pending = []
+        for prompt, seq in zip(prompts, seqs, strict=True):
+            shared_end, todo = self._plan(prompt)
+            self.drop(seq)
+            if shared_end:
+                self._L.llama_memory_seq_cp(self._mem, 0, seq, 0, shared_end)
+            stats.tokens_reused += len(prompt.keys) - sum(len(c.keys) - keep for c, keep, _ in todo)
+            pending.append(self._decode_todo(seq, todo, stats, last_batched=True))
+        logits = self.decode_many(pending)
+        stats.prefill_s = time.perf_counter() - t0 - stats.image_encode_s
+        return [SeqState(seq, start + len(toks), lg) for (seq, toks, start), lg in zip(pending, logits, strict=True)], stats
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self._L.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise EngineError(f"no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _run_batch(self, rows: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        """rows: (token, pos, seq, want_logits); returns logits for rows that want them."""
+        b = self._batch
+        for i, (tok, pos, seq, want) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(rows)
+        rc = self._L.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed (code {rc}): the KV cache (n_ctx={self.config.n_ctx}) "
+                              "is probably full; raise n_ctx or lower the candidates / token budgets")
+        return [self._logits(i) for i, r in enumerate(rows) if r[3]]
+
+    def decode_tokens(self, seq: int, tokens: list[int], pos: int) -> np.ndarray:
+        """Append tokens to one sequence from position `pos`; logits after the last one."""
+        return self.decode_many([(seq, tokens, pos)])[0]
+
+    def decode_many(self, items: list[tuple[int, list[int], int]]) -> list[np.ndarray]:
+        """Append token lists to several sequences at once, packed into as few decodes as fit.
+
+        items: (seq, tokens, start_pos). Returns the logits after each item's last token."""
+        self._alive()
+        rows = [(tok, pos + j, seq, j == len(toks) - 1) for seq, toks, pos in items for j, tok in enumerate(toks)]
+        out: list[np.ndarray] = []
+        step = self.config.n_batch
+        for i in range(0, len(rows), step):
+            out += self._run_batch(rows[i:i + step])
+        return out
+
+    def step(self, entries: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """One token for each of several sequences: entries (seq, token, pos) -> logits each."""
+        self._alive()
+        return self._run_batch([(tok, pos, seq, True) for seq, tok, pos in entries])

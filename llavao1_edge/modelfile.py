@@ -1,0 +1,192 @@
+"""Check GGUF files with the gguf reader before llama.cpp sees them, and describe them.
+
+llama.cpp aborts the whole process on some bad files (a wrong key type in an mmproj, a missing
+projector tensor); desktop apps embed us, so every such problem must be a Python exception
+naming the file. `describe` backs `llavao1-edge info` and `llavao1-export inspect`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import gguf_keys as K
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelFileError(ValueError):
+    """A model file that must not be handed to llama.cpp; the message names it and says why."""
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    architecture: str
+    name: str
+    size_bytes: int
+    n_tensors: int
+    n_params: int
+    tensor_types: dict[str, int]  # ggml type name -> tensor count
+    params_by_type: dict[str, int]  # ggml type name -> parameter count
+    facts: dict[str, object] = field(default_factory=dict)  # widths, layers, vocab, ...
+    stage_format: bool = False  # trained on the four-stage format (our metadata key)
+    chat_template: str | None = None
+    metadata: dict[str, object] = field(default_factory=dict)  # general.* and llavao1.* keys
+
+    @property
+    def is_projector(self) -> bool:
+        return self.architecture == K.VISION_ARCHITECTURE
+
+    def to_json(self) -> dict:
+        d = dict(vars(self))
+        d["chat_template"] = bool(self.chat_template)
+        return d
+
+
+def _read(path: str | os.PathLike):
+    import gguf  # numpy-only; imported here to keep `import llavao1_edge` quick
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{p}: file not found")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ModelFileError(f"{p}: not a GGUF file (starts with {head!r})")
+    try:
+        reader = gguf.GGUFReader(str(p))
+    except Exception as e:  # the reader raises many kinds on truncated or corrupt headers
+        raise ModelFileError(f"{p}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise ModelFileError(f"{p}: truncated (tensor {t.name} ends past the end of the file)")
+    return reader, p, size
+
+
+def _value(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def _check_types(reader, path: Path, required: dict, optional: dict, fmt: dict) -> None:
+    for table, must in ((required, True), (optional, False)):
+        for key_t, vtype in table.items():
+            key = key_t.format(**fmt)
+            f = reader.fields.get(key)
+            if f is None:
+                if must:
+                    raise ModelFileError(f"{path}: missing required key {key}")
+                continue
+            if f.types[0] != vtype:
+                raise ModelFileError(f"{path}: key {key} has type {f.types[0].name}, llama.cpp needs {vtype.name}")
+
+
+def _tensor_shape(reader, name: str) -> list[int] | None:
+    for t in reader.tensors:
+        if t.name == name:
+            return [int(d) for d in t.shape]  # ggml order: ne0 (input width) first
+    return None
+
+
+def check_text_model(path: str | os.PathLike):
+    """Validate a text-model GGUF; returns the open reader."""
+    reader, p, _ = _read(path)
+    arch = _value(reader, K.ARCHITECTURE)
+    if arch is None:
+        raise ModelFileError(f"{p}: missing {K.ARCHITECTURE}")
+    if arch == K.VISION_ARCHITECTURE:
+        raise ModelFileError(f"{p}: this is a vision projector (mmproj) file, not a text model; pass it as --mmproj")
+    _check_types(reader, p, K.TEXT_REQUIRED, K.TEXT_OPTIONAL, {"arch": arch})
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    n_vocab = len(tokens.data)
+    emb = _tensor_shape(reader, "token_embd.weight")
+    if emb is not None and emb[1] != n_vocab:
+        raise ModelFileError(f"{p}: {n_vocab} tokens in the vocabulary but token_embd has {emb[1]} rows")
+    if len(set(tokens.contents())) != n_vocab:
+        raise ModelFileError(f"{p}: duplicate token strings in the vocabulary (llama.cpp aborts on these)")
+    return reader
+
+
+def check_projector(path: str | os.PathLike, text_width: int | None = None):
+    """Validate an mmproj GGUF, and that its output width matches the text model's."""
+    reader, p, _ = _read(path)
+    arch = _value(reader, K.ARCHITECTURE)
+    if arch != K.VISION_ARCHITECTURE:
+        raise ModelFileError(f"{p}: not a vision projector (general.architecture is {arch!r}, expected 'clip')")
+    if not _value(reader, K.CLIP_HAS_VISION):
+        raise ModelFileError(f"{p}: has no vision encoder ({K.CLIP_HAS_VISION} is not true)")
+    ptype = _value(reader, K.CLIP_PROJECTOR_TYPE) or _value(reader, "clip.vision.projector_type")
+    if ptype in K.CLIP_PROJECTOR_TYPES:
+        _check_types(reader, p, K.CLIP_REQUIRED, K.CLIP_OPTIONAL, {})
+    else:  # other families (Qwen2-VL, Gemma 3, ...): check the types of the keys that are there
+        _check_types(reader, p, {}, {**K.CLIP_REQUIRED, **K.CLIP_OPTIONAL}, {})
+    for key in (K.CLIP_MEAN, K.CLIP_STD):
+        v = _value(reader, key)
+        if v is not None and len(v) != 3:
+            raise ModelFileError(f"{p}: {key} must hold 3 values, has {len(v)}")
+    out_width = None
+    if ptype == "mlp":
+        for name in ("mm.0.weight", "mm.2.weight", "v.patch_embd.weight", "v.position_embd.weight"):
+            if _tensor_shape(reader, name) is None:  # a missing mm.2 segfaults inside mtmd
+                raise ModelFileError(f"{p}: tensor {name} is missing")
+        out_width = _tensor_shape(reader, "mm.2.weight")[1]
+    elif _value(reader, K.CLIP_PROJECTION_DIM) is not None:
+        out_width = int(_value(reader, K.CLIP_PROJECTION_DIM))
+    if text_width is not None and out_width is not None and out_width != text_width:
+        raise ModelFileError(f"{p}: projector output width {out_width} does not match the text model's "
+                             f"width {text_width}; these files do not belong together")
+    return reader
+
+
+def text_width(reader) -> int:
+    arch = _value(reader, K.ARCHITECTURE)
+    return int(_value(reader, f"{arch}.embedding_length"))
+
+
+def check_model_pair(model: str | os.PathLike, mmproj: str | os.PathLike | None):
+    """Validate a text model and (optionally) its projector; returns the text reader."""
+    reader = check_text_model(model)
+    if mmproj is not None:
+        check_projector(mmproj, text_width(reader))
+    return reader
+
+
+def has_stage_format(reader) -> bool:
+    return _value(reader, K.STAGE_FORMAT) == K.STAGE_FORMAT_VALUE
+
+
+def describe(path: str | os.PathLike) -> ModelInfo:
+    """Architecture, sizes, tensor types and metadata of any GGUF file (validated first)."""
+    reader, p, size = _read(path)
+    arch = _value(reader, K.ARCHITECTURE) or "unknown"
+    if arch == K.VISION_ARCHITECTURE:
+        check_projector(p)
+    else:
+        check_text_model(p)
+    types: Counter = Counter()
+    params: Counter = Counter()
+    n_params = 0
+    for t in reader.tensors:
+        n = int(t.n_elements)
+        types[t.tensor_type.name] += 1
+        params[t.tensor_type.name] += n
+        n_params += n
+    facts: dict[str, object] = {}
+    prefix = "clip.vision." if arch == K.VISION_ARCHITECTURE else f"{arch}."
+    for key in reader.fields:
+        if key.startswith(prefix) and len(reader.fields[key].types) == 1:
+            facts[key[len(prefix):]] = _value(reader, key)
+    if arch == K.VISION_ARCHITECTURE:
+        facts["projector_type"] = _value(reader, K.CLIP_PROJECTOR_TYPE)
+    else:
+        facts["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+        facts["tokenizer"] = _value(reader, "tokenizer.ggml.model")
+    meta = {k: _value(reader, k) for k in reader.fields
+            if (k.startswith("general.") or k.startswith("llavao1.")) and k != K.ARCHITECTURE}
+    return ModelInfo(str(p), arch, str(_value(reader, K.NAME) or p.stem), size, len(reader.tensors), n_params,
+                     dict(types), dict(params), facts, has_stage_format(reader),
+                     _value(reader, K.CHAT_TEMPLATE), meta)

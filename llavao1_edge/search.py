@@ -1,0 +1,522 @@
+"""Inference-time search over the four stages: greedy, stage-level beam search, best-of-N, sentence.
+
+All strategies share one generation loop (`_generate`): the sequences of a step decode together
+in one llama.cpp batch, each forked from the shared prefix (prompt + image + chosen stages), so
+nothing re-evaluates the image. Judge prompts fork the chat header and image from sequence 0
+and are evaluated together too. The search is a generator of `Event`s; `run_search` drains it.
+
+Selectors: "judge" (the paper: a random pairwise knockout judged by the same model, with the
+text-only correctness check first at the reasoning stage), "logprob" (mean token
+log-probability) and "vote" (majority over conclusions; earlier stages by logprob).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .answers import normalise_text
+from .engine import Engine, Prompt, SeqState
+from .images import ImageSource
+from .judge import (
+    pairwise_prompt,
+    parse_pairwise_verdict,
+    parse_reasoning_check,
+    reasoning_check_prompt,
+)
+from .prompting import render_user_turn, user_text
+from .sampling import choose
+from .stages import STAGE_BY_NAME, STAGES, ParsedAnswer, StageStreamParser, parse_answer
+
+STRATEGIES = ("greedy", "stage", "best-of-n", "sentence")
+SELECTORS = ("judge", "logprob", "vote")
+_VERDICT_DONE = re.compile(r"I choose response\s*\[?[12]|verdict:\s*(?:in)?correct", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)|\n")
+
+
+@dataclass
+class SearchConfig:
+    strategy: str = "stage"  # greedy | stage | best-of-n | sentence
+    candidates: int = 4  # N: samples per stage (stage), answers (best-of-n), sentences (sentence)
+    selector: str = "judge"  # judge | logprob | vote
+    temperature: float = 0.6  # candidate sampling (the paper's setting)
+    top_p: float = 0.9
+    judge_temperature: float = 0.0  # verdicts decoded greedily: deterministic, and best for small judges
+    max_stage_tokens: int = 512  # budget per stage (stage, sentence)
+    max_answer_tokens: int = 2048  # budget for a whole answer (greedy, best-of-n)
+    max_judge_tokens: int = 64  # a verdict is one sentence
+    reasoning_check: bool = True  # the paper's correctness check before the reasoning knockout
+    seed: int = 0
+    force_format: bool | None = None  # force stage tags; None: only when the GGUF lacks our stage metadata
+    timeout_s: float | None = None  # wall-clock limit; the result so far is returned, flagged
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}")
+        if not 1 <= self.candidates <= 64:
+            raise ValueError(f"candidates must be in 1..64, got {self.candidates}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        for name in ("max_stage_tokens", "max_answer_tokens", "max_judge_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass
+class Event:
+    kind: str  # prompt_ready | stage_started | forced | token | candidate_finished | judge_decision | stage_chosen | done
+    stage: str | None = None
+    candidate: int | None = None
+    text: str = ""
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    index: int
+    text: str  # what the model generated (the forced opening tag excluded)
+    tokens: list[int]
+    logprob_sum: float
+    finish: str  # closed | eos | budget | sentence | verdict | stopped
+    unit_text: str = ""  # the stage's text inside its tags (or the whole answer / sentence)
+    check: bool | None = None  # reasoning correctness verdict, when checked
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob_sum / max(1, len(self.tokens))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["mean_logprob"] = self.mean_logprob
+        return d
+
+
+@dataclass
+class Judgement:
+    first: int
+    second: int
+    winner: int
+    verdict: str
+    parsed: bool  # False: the verdict named neither response; the second won by the paper's rule
+
+
+@dataclass
+class StepRecord:
+    """One selection: a stage (stage search), an answer (best-of-n) or a sentence."""
+
+    unit: str
+    candidates: list[Candidate]
+    chosen: int
+    judgements: list[Judgement] = field(default_factory=list)
+    forced: str = ""  # text the runtime inserted before the candidates (separator + opening tag)
+    decode_s: float = 0.0
+    judge_s: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    question: str
+    config: SearchConfig
+    text: str  # the full chosen answer
+    parsed: ParsedAnswer
+    steps: list[StepRecord]
+    tokens: dict[str, int]
+    timings: dict[str, float]
+    flags: list[str]
+
+    @property
+    def stages(self) -> dict[str, str]:
+        return {s.name: self.parsed.stages.get(s.name, "") for s in STAGES}
+
+    @property
+    def answer(self) -> str | None:
+        return self.parsed.conclusion
+
+    def to_json(self) -> dict:
+        return {
+            "question": self.question, "answer": self.answer, "stages": self.stages, "text": self.text,
+            "config": asdict(self.config), "flags": self.flags, "issues": self.parsed.issues,
+            "tokens": self.tokens, "timings": self.timings,
+            "steps": [{"unit": s.unit, "chosen": s.chosen, "forced": s.forced, "decode_s": s.decode_s,
+                       "judge_s": s.judge_s, "candidates": [c.to_json() for c in s.candidates],
+                       "judgements": [asdict(j) for j in s.judgements]} for s in self.steps],
+        }
+
+
+class SearchStopped(Exception):
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+@dataclass
+class _Live:
+    """A sequence being generated."""
+
+    cand: Candidate
+    state: SeqState
+    rng: np.random.Generator | None
+    parser: StageStreamParser
+    decoder: object
+    done: bool = False
+
+
+class _Search:
+    def __init__(self, engine: Engine, image: ImageSource | None, question: str, cfg: SearchConfig,
+                 should_stop: Callable[[], str | None]):
+        self.e, self.image, self.question, self.cfg = engine, image, question, cfg
+        self.should_stop = should_stop
+        self.force = (not engine.stage_format) if cfg.force_format is None else cfg.force_format
+        self.marker = engine.marker if (image is not None and engine.has_vision) else None
+        self.tokens = Counter()
+        self.timings: dict[str, float] = {}
+        self.flags: list[str] = []
+        self.steps: list[StepRecord] = []
+        self.text = ""
+        self.t0 = time.perf_counter()
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def _prompt(self, text: str, with_image: bool) -> Prompt:
+        marker = self.marker if with_image else None
+        rendered = render_user_turn(self.e.chat_template, user_text(text, marker, False))
+        return self.e.prepare(rendered, self.image if marker else None)
+
+    def _check(self) -> None:
+        why = self.should_stop()
+        if why:
+            raise SearchStopped(why)
+
+    # -- the generation loop ---------------------------------------------------------------------
+
+    def _generate(self, starts: list[SeqState], temperature: float, mode: str, budget: int,
+                  unit: str | None, seed_path: tuple, stream: bool = True) -> Iterator[Event]:
+        """Decode all `starts` together until each stops; returns (via StopIteration) candidates
+        and their final states. mode: stage | answer | sentence | verdict."""
+        room = (self.e.config.n_ctx - max(st.pos for st in starts)) // (2 * len(starts))  # half stays for judging
+        if budget > room:
+            self.flags.append(f"{unit or mode}: token budget lowered from {budget} to {room} to fit the KV cache "
+                              f"(n_ctx {self.e.config.n_ctx})")
+            budget = max(1, room)
+        close_tag = STAGE_BY_NAME[unit].close_tag.lower() if mode == "stage" and unit in STAGE_BY_NAME else None
+        lives = []
+        for k, st in enumerate(starts):
+            stream_id = zlib.crc32(repr(seed_path).encode())  # every (step, candidate) has its own stream
+            rng = np.random.default_rng([self.cfg.seed, stream_id, k]) if temperature > 0 else None
+            lives.append(_Live(Candidate(k, "", [], 0.0, ""), st, rng, StageStreamParser(), Engine.text_decoder()))
+        while True:
+            self._check()
+            batch = []
+            for lv in lives:
+                if lv.done:
+                    continue
+                tok, lp = choose(lv.state.logits, lv.rng, temperature, self.cfg.top_p)
+                if self.e.is_eog(tok):
+                    lv.done, lv.cand.finish = True, "eos"
+                    continue
+                lv.cand.tokens.append(tok)
+                lv.cand.logprob_sum += lp
+                piece = lv.decoder.decode(self.e.piece(tok))
+                lv.cand.text += piece
+                if "first_token_s" not in self.timings and mode != "verdict":
+                    self.timings["first_token_s"] = time.perf_counter() - self.t0
+                if stream and piece:
+                    yield Event("token", unit or lv.parser.current_stage, lv.cand.index, piece)
+                closed = any(ev.kind == "close" for ev in lv.parser.feed(piece))
+                if close_tag and not closed:  # a close tag with no open tag still ends the stage
+                    closed = close_tag in lv.cand.text[-(len(piece) + len(close_tag)):].lower()
+                if mode == "stage" and closed:
+                    lv.done, lv.cand.finish = True, "closed"
+                elif mode == "sentence" and (closed or _SENTENCE_END.search(piece)) and lv.cand.text.strip():
+                    lv.done, lv.cand.finish = True, "sentence"
+                elif mode == "verdict" and _VERDICT_DONE.search(lv.cand.text):
+                    lv.done, lv.cand.finish = True, "verdict"
+                elif len(lv.cand.tokens) >= budget:
+                    lv.done, lv.cand.finish = True, "budget"
+                batch.append((lv, tok))  # decoded even when done: a chosen candidate continues from here
+            if not batch:
+                break
+            logits = self.e.step([(lv.state.seq, tok, lv.state.pos) for lv, tok in batch])
+            for (lv, _), lg in zip(batch, logits, strict=True):
+                lv.state = SeqState(lv.state.seq, lv.state.pos + 1, lg)
+            key = "judge_generated" if mode == "verdict" else "generated"
+            self.tokens[key] += len(batch)
+        for lv in lives:
+            lv.cand.text += lv.decoder.decode(b"", final=True)
+        return [lv.cand for lv in lives], [lv.state for lv in lives]
+
+    # -- selection -------------------------------------------------------------------------------
+
+    def _select(self, unit: str, cands: list[Candidate], context: dict[str, str], si: int) -> Iterator[Event]:
+        """Index of the chosen candidate, and the judgements made."""
+        if len(cands) == 1:
+            return 0, []
+        best_lp = max(range(len(cands)), key=lambda i: cands[i].mean_logprob)
+        if self.cfg.selector == "logprob" or (self.cfg.selector == "vote" and unit not in ("conclusion", "answer")):
+            return best_lp, []
+        if self.cfg.selector == "vote":
+            def conclusion(c: Candidate) -> str:
+                text = c.unit_text if unit == "conclusion" else (parse_answer(c.text).conclusion or "")
+                return normalise_text(text)
+            votes = Counter(conclusion(c) for c in cands if conclusion(c))
+            if not votes:
+                return best_lp, []
+            top = max(votes.values())
+            tied = [i for i, c in enumerate(cands) if votes.get(conclusion(c), 0) == top]
+            return max(tied, key=lambda i: cands[i].mean_logprob), []
+        # judge: identical texts need no judging
+        pool, seen = [], set()
+        for i, c in enumerate(cands):
+            if c.unit_text not in seen:
+                seen.add(c.unit_text)
+                pool.append(i)
+        judgements: list[Judgement] = []
+        if unit == "reasoning" and self.cfg.reasoning_check and len(pool) > 1:
+            checks = yield from self._reasoning_checks([cands[i] for i in pool], context)
+            survivors = [i for i, ok in zip(pool, checks, strict=True) if ok is not False]
+            pool = survivors or pool  # if every candidate fails, the knockout decides among all
+        rng = random.Random(f"{self.cfg.seed}:{si}")
+        while len(pool) > 1:
+            rng.shuffle(pool)
+            pairs = [(pool[i], pool[i + 1]) for i in range(0, len(pool) - 1, 2)]
+            bye = [pool[-1]] if len(pool) % 2 else []
+            made = yield from self._judge_pairs(unit, cands, pairs, context)
+            for j in made:
+                yield Event("judge_decision", unit, j.winner, j.verdict, asdict(j))
+            judgements += made
+            pool = [j.winner for j in made] + bye
+        return pool[0], judgements
+
+    def _judge_pairs(self, unit: str, cands: list[Candidate], pairs, context) -> Iterator[Event]:
+        prompts = [self._prompt(pairwise_prompt(unit, self.question, cands[a].unit_text, cands[b].unit_text,
+                                                context), with_image=True) for a, b in pairs]
+        verdicts = yield from self._ask_judge(prompts)
+        out = []
+        for (a, b), v in zip(pairs, verdicts, strict=True):
+            choice = parse_pairwise_verdict(v)
+            out.append(Judgement(a, b, a if choice == 1 else b, v, choice is not None))
+        return out
+
+    def _reasoning_checks(self, cands: list[Candidate], context) -> Iterator[Event]:
+        caption = context.get("caption", "")
+        prompts = [self._prompt(reasoning_check_prompt(self.question, caption, c.unit_text), with_image=False)
+                   for c in cands]
+        verdicts = yield from self._ask_judge(prompts)
+        for c, v in zip(cands, verdicts, strict=True):
+            c.check = parse_reasoning_check(v)
+        return [c.check for c in cands]
+
+    def _ask_judge(self, prompts: list[Prompt]) -> Iterator[Event]:
+        """Evaluate judge prompts in parallel sequences (sharing the image prefix) and decode verdicts."""
+        verdicts: list[str] = []
+        width = self.e.config.n_seq_max - 1
+        for i in range(0, len(prompts), width):
+            group = prompts[i:i + width]
+            seqs = list(range(1, len(group) + 1))
+            states, stats = self.e.eval_forked(group, seqs)
+            self.tokens["judge_prompt"] += stats.tokens_evaluated
+            self.timings["image_encode_s"] = self.timings.get("image_encode_s", 0.0) + stats.image_encode_s
+            for p in group:
+                self.e.free_prompt(p)
+            cands, _ = yield from self._generate(states, self.cfg.judge_temperature, "verdict",
+                                                 self.cfg.max_judge_tokens, None, ("judge", i), stream=False)
+            verdicts += [c.text for c in cands]
+            for s in seqs:
+                self.e.drop(s)
+        return verdicts
+
+    # -- strategies ------------------------------------------------------------------------------
+
+    def run(self) -> Iterator[Event]:
+        cfg = self.cfg
+        prompt = self._question_prompt()
+        self.tokens["prompt"] = prompt.n_tokens
+        state, stats = self.e.eval_prompt(prompt)
+        self.e.free_prompt(prompt)
+        self.tokens["prompt_evaluated"] = stats.tokens_evaluated
+        self.timings.update(image_encode_s=stats.image_encode_s, prefill_s=stats.prefill_s)
+        yield Event("prompt_ready", data={"image_cache_hit": stats.image_cache_hit, **asdict(stats)})
+        try:
+            if cfg.strategy == "stage" or (cfg.strategy == "greedy" and self.force):
+                yield from self._stage_search(state, 1 if cfg.strategy == "greedy" else cfg.candidates)
+            elif cfg.strategy == "greedy":
+                yield from self._whole_answers(state, 1)
+            elif cfg.strategy == "best-of-n":
+                yield from self._whole_answers(state, cfg.candidates)
+            else:
+                yield from self._sentence_search(state)
+        except SearchStopped as stop:
+            self.flags.append(stop.why)
+        finally:
+            for s in range(1, self.e.config.n_seq_max):
+                self.e.drop(s)
+            self.e.forget_seq0()  # sequence 0 now holds generated text past the prompt
+
+    def _question_prompt(self) -> Prompt:
+        rendered = render_user_turn(self.e.chat_template, user_text(self.question, self.marker, self.force))
+        return self.e.prepare(rendered, self.image if self.marker else None)
+
+    def _fork(self, state: SeqState, n: int) -> list[SeqState]:
+        if n + 1 > self.e.config.n_seq_max:
+            raise ValueError(f"{n} candidates need n_seq_max >= {n + 1} (have {self.e.config.n_seq_max})")
+        for k in range(1, n + 1):
+            self.e.fork(0, k)
+        return [SeqState(k, state.pos, state.logits) for k in range(1, n + 1)]
+
+    def _adopt(self, state: SeqState, winner: SeqState, n: int) -> SeqState:
+        self.e.adopt(winner.seq, 0, state.pos)
+        for k in range(1, n + 1):
+            self.e.drop(k)
+        return SeqState(0, winner.pos, winner.logits)
+
+    def _stage_search(self, state: SeqState, n: int) -> Iterator[Event]:
+        context: dict[str, str] = {}
+        for si, stage in enumerate(STAGES):
+            yield Event("stage_started", stage.name)
+            forced = ""
+            if self.force:
+                forced = (("\n\n" if si else "") + stage.open_tag)
+                toks = self.e.tokenize(forced)
+                state = SeqState(0, state.pos + len(toks), self.e.decode_tokens(0, toks, state.pos))
+                self.text += forced
+                yield Event("forced", stage.name, text=forced)
+            t0 = time.perf_counter()
+            temperature = self.cfg.temperature if n > 1 else 0.0  # one candidate: nothing to choose, decode greedily
+            cands, finals = yield from self._generate(self._fork(state, n), temperature, "stage",
+                                                      self.cfg.max_stage_tokens, stage.name, ("stage", si))
+            decode_s = time.perf_counter() - t0
+            for c in cands:
+                c.unit_text = self._stage_text(stage.name, forced + c.text)
+                yield Event("candidate_finished", stage.name, c.index, c.text,
+                            {"finish": c.finish, "mean_logprob": c.mean_logprob})
+            t1 = time.perf_counter()
+            chosen, judgements = yield from self._select(stage.name, cands, context, si)
+            step = StepRecord(stage.name, cands, chosen, judgements, forced, decode_s, time.perf_counter() - t1)
+            self.steps.append(step)
+            win = cands[chosen]
+            state = self._adopt(state, finals[chosen], n)
+            self.text += win.text
+            context[stage.name] = win.unit_text
+            yield Event("stage_chosen", stage.name, chosen, win.text, {"stage_text": win.unit_text})
+            if win.finish != "closed":
+                self.flags.append(f"{stage.name}: {'answer ended' if win.finish == 'eos' else 'token budget reached'} "
+                                  "before the closing tag")
+                if win.finish == "eos" or not self.force:
+                    break
+                closing = STAGE_BY_NAME[stage.name].close_tag
+                toks = self.e.tokenize(closing)
+                state = SeqState(0, state.pos + len(toks), self.e.decode_tokens(0, toks, state.pos))
+                self.text += closing
+                yield Event("forced", stage.name, text=closing)
+
+    @staticmethod
+    def _stage_text(name: str, text: str) -> str:
+        parsed = parse_answer(text)
+        return parsed.stages.get(name, parsed.segments[0].text if parsed.segments else text.strip())
+
+    def _whole_answers(self, state: SeqState, n: int) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        starts = [state] if n == 1 else self._fork(state, n)
+        temperature = self.cfg.temperature if n > 1 else 0.0
+        cands, finals = yield from self._generate(starts, temperature, "answer", self.cfg.max_answer_tokens,
+                                                  None, ("answer",))
+        decode_s = time.perf_counter() - t0
+        for c in cands:
+            c.unit_text = c.text.strip()
+            yield Event("candidate_finished", None, c.index, c.text, {"finish": c.finish, "mean_logprob": c.mean_logprob})
+        t1 = time.perf_counter()
+        chosen, judgements = yield from self._select("answer", cands, {}, 0)
+        self.steps.append(StepRecord("answer", cands, chosen, judgements, "", decode_s, time.perf_counter() - t1))
+        if n > 1:
+            self._adopt(state, finals[chosen], n)
+        self.text = cands[chosen].text
+        if cands[chosen].finish == "budget":
+            self.flags.append("answer: token budget reached")
+        yield Event("stage_chosen", "answer", chosen, cands[chosen].text)
+
+    def _sentence_search(self, state: SeqState) -> Iterator[Event]:
+        n, si = self.cfg.candidates, 0
+        total = 0
+        while total < self.cfg.max_answer_tokens:
+            parsed = parse_answer(self.text)
+            open_stage = parsed.segments[-1].stage if parsed.segments and not parsed.segments[-1].closed else None
+            unit = open_stage or "answer"
+            t0 = time.perf_counter()
+            budget = min(self.cfg.max_stage_tokens, self.cfg.max_answer_tokens - total)
+            cands, finals = yield from self._generate(self._fork(state, n), self.cfg.temperature if n > 1 else 0.0,
+                                                      "sentence", budget, unit, ("sentence", si))
+            decode_s = time.perf_counter() - t0
+            for c in cands:
+                c.unit_text = c.text.strip()
+            context = {k: v for k, v in parsed.stages.items() if k != open_stage}
+            t1 = time.perf_counter()
+            chosen, judgements = yield from self._select(unit, cands, context, si)
+            self.steps.append(StepRecord(unit, cands, chosen, judgements, "", decode_s, time.perf_counter() - t1))
+            win = cands[chosen]
+            state = self._adopt(state, finals[chosen], n)
+            self.text += win.text
+            total += len(win.tokens)
+            yield Event("stage_chosen", unit, chosen, win.text)
+            si += 1
+            if win.finish == "eos" or not win.tokens:
+                break
+        else:
+            self.flags.append("answer: token budget reached")
+
+    def result(self) -> SearchResult:
+        self.timings["total_s"] = time.perf_counter() - self.t0
+        self.timings["decode_s"] = sum(s.decode_s for s in self.steps)
+        self.timings["judge_s"] = sum(s.judge_s for s in self.steps)
+        for s in self.steps:
+            self.timings[f"{s.unit}_decode_s"] = self.timings.get(f"{s.unit}_decode_s", 0.0) + s.decode_s
+        parsed = parse_answer(self.text)
+        tokens = dict(self.tokens)
+        tokens["answer"] = sum(len(s.candidates[s.chosen].tokens) for s in self.steps)
+        return SearchResult(self.question, self.cfg, self.text, parsed, self.steps, tokens, self.timings, self.flags)
+
+
+def search_events(engine: Engine, image: ImageSource | None, question: str, cfg: SearchConfig,
+                  cancel: threading.Event | Callable[[], bool] | None = None) -> Iterator[Event]:
+    """Run a search, yielding events; the last event is "done" with the SearchResult in data["result"]."""
+    cfg.validate()
+    if not question or not question.strip():
+        raise ValueError("the question is empty")
+    deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s else None
+
+    def should_stop() -> str | None:
+        if cancel is not None and (cancel.is_set() if isinstance(cancel, threading.Event) else cancel()):
+            return "cancelled"
+        if deadline is not None and time.monotonic() > deadline:
+            return "timeout"
+        return None
+
+    s = _Search(engine, image, question, cfg, should_stop)
+    yield from s.run()
+    result = s.result()
+    yield Event("done", data={"result": result})
+
+
+def run_search(engine: Engine, image: ImageSource | None, question: str, cfg: SearchConfig,
+               on_event: Callable[[Event], None] | None = None,
+               cancel: threading.Event | Callable[[], bool] | None = None) -> SearchResult:
+    result = None
+    for ev in search_events(engine, image, question, cfg, cancel):
+        if on_event is not None:
+            on_event(ev)
+        if ev.kind == "done":
+            result = ev.data["result"]
+    assert result is not None
+    return result
+
+
+__all__ = ["Event", "SearchConfig", "SearchResult", "run_search", "search_events"]
