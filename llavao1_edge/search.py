@@ -87,7 +87,7 @@ class Candidate:
     text: str  # what the model generated (the forced opening tag excluded)
     tokens: list[int]
     logprob_sum: float
-    finish: str  # closed | eos | budget | sentence | verdict | stopped
+    finish: str  # closed | eos | budget | kv_full | sentence | verdict
     unit_text: str = ""  # the stage's text inside its tags (or the whole answer / sentence)
     check: bool | None = None  # reasoning correctness verdict, when checked
 
@@ -183,6 +183,7 @@ class _Search:
         self.flags: list[str] = []
         self.steps: list[StepRecord] = []
         self.text = ""
+        self._n_live = 0  # candidate sequences in use (1..n)
         self.t0 = time.perf_counter()
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -203,11 +204,9 @@ class _Search:
                   unit: str | None, seed_path: tuple, stream: bool = True) -> Iterator[Event]:
         """Decode all `starts` together until each stops; returns (via StopIteration) candidates
         and their final states. mode: stage | answer | sentence | verdict."""
-        room = (self.e.config.n_ctx - max(st.pos for st in starts)) // (2 * len(starts))  # half stays for judging
-        if budget > room:
-            self.flags.append(f"{unit or mode}: token budget lowered from {budget} to {room} to fit the KV cache "
-                              f"(n_ctx {self.e.config.n_ctx})")
-            budget = max(1, room)
+        judging = mode != "verdict" and len(starts) > 1 and self.cfg.selector == "judge"
+        base = max(st.pos for st in starts)  # cells of the shared prefix
+        limit = self.e.config.n_ctx - (self.e.config.n_ctx // 4 if judging else 0) - 1  # a quarter stays for judges
         close_tag = STAGE_BY_NAME[unit].close_tag.lower() if mode == "stage" and unit in STAGE_BY_NAME else None
         lives = []
         for k, st in enumerate(starts):
@@ -216,6 +215,12 @@ class _Search:
             lives.append(_Live(Candidate(k, "", [], 0.0, ""), st, rng, StageStreamParser(), Engine.text_decoder()))
         while True:
             self._check()
+            active = [lv for lv in lives if not lv.done]
+            if active and base + sum(len(lv.cand.tokens) for lv in lives) + len(active) > limit:
+                for lv in active:
+                    lv.done, lv.cand.finish = True, "kv_full"
+                self.flags.append(f"{unit or mode}: the KV cache (n_ctx {self.e.config.n_ctx}) is full; "
+                                  "raise --ctx or lower --candidates")
             batch = []
             for lv in lives:
                 if lv.done:
@@ -319,10 +324,14 @@ class _Search:
     def _ask_judge(self, prompts: list[Prompt]) -> Iterator[Event]:
         """Evaluate judge prompts in parallel sequences (sharing the image prefix) and decode verdicts."""
         verdicts: list[str] = []
-        width = self.e.config.n_seq_max - 1
+        first = self._n_live + 1  # sequences 1..n hold the candidates until one is adopted
+        width = self.e.config.n_seq_max - first
+        if width < 1:
+            raise ValueError(f"n_seq_max {self.e.config.n_seq_max} leaves no sequence for judging "
+                             f"{self._n_live} candidates; raise n_seq_max")
         for i in range(0, len(prompts), width):
             group = prompts[i:i + width]
-            seqs = list(range(1, len(group) + 1))
+            seqs = list(range(first, first + len(group)))
             states, stats = self.e.eval_forked(group, seqs)
             self.tokens["judge_prompt"] += stats.tokens_evaluated
             self.timings["image_encode_s"] = self.timings.get("image_encode_s", 0.0) + stats.image_encode_s
@@ -371,6 +380,7 @@ class _Search:
             raise ValueError(f"{n} candidates need n_seq_max >= {n + 1} (have {self.e.config.n_seq_max})")
         for k in range(1, n + 1):
             self.e.fork(0, k)
+        self._n_live = n
         return [SeqState(k, state.pos, state.logits) for k in range(1, n + 1)]
 
     def _adopt(self, state: SeqState, winner: SeqState, n: int) -> SeqState:
@@ -418,6 +428,14 @@ class _Search:
                 state = SeqState(0, state.pos + len(toks), self.e.decode_tokens(0, toks, state.pos))
                 self.text += closing
                 yield Event("forced", stage.name, text=closing)
+        else:
+            # Whatever the model writes after the last stage, up to its end token, is part of its
+            # answer (usually nothing): with one candidate the output is then exactly greedy's.
+            cands, _ = yield from self._generate([state], 0.0, "answer", self.cfg.max_stage_tokens, "trailer",
+                                                 ("trailer",))
+            if cands[0].tokens:
+                self.steps.append(StepRecord("trailer", cands, 0))
+                self.text += cands[0].text
 
     @staticmethod
     def _stage_text(name: str, text: str) -> str:

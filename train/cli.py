@@ -1,0 +1,96 @@
+"""`llavao1-train`: fine-tune a LLaVA-style model on LLaVA-CoT records (LoRA or full).
+
+examples:
+  llavao1-train --data data/train --out runs/tiny --init shapes-tiny --lr 1e-3 --epochs 3
+  llavao1-train --data cot100k --out runs/llava --model ./llava-1.5-7b-hf --lora --epochs 3
+  llavao1-train --data cot100k --out runs/full --model ./my-llava --full --lr 1e-5 --batch-size 4 --grad-accum 8
+  torchrun --nproc_per_node 4 -m llavao1_train.cli --data ... --out ... --model ... --full
+
+Paper recipe (LLaVA-CoT): --full --lr 1e-5 --epochs 3 and a global batch of 32
+(batch-size x grad-accum x GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from llavao1_edge.extras import require_extra
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .model import MODEL_SPECS
+
+    p = argparse.ArgumentParser(prog="llavao1-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder with records.jsonl (llavao1-data output) or a .jsonl file")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, final/")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--init", choices=sorted(MODEL_SPECS), help="train a model from scratch from a named config")
+    src.add_argument("--model", help="local Hugging Face LLaVA checkpoint folder (never downloaded)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora", action="store_true", help="LoRA on the language model, projector trained fully (default)")
+    mode.add_argument("--full", action="store_true", help="full fine-tuning (the paper's choice)")
+    p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (with --full)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default %(default)s, the paper's)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=4, help="examples per device per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--max-length", type=int, default=2048, help="token limit per example (image tokens included)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: final model only)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--eval-data", help="held-out records for --eval-every (exact match of CONCLUSION, greedy)")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-limit", type=int, default=64)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations to save memory (default: on for CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records and report a count instead of stopping")
+    p.add_argument("--tokenizer-vocab", type=int, help="--init: BPE vocabulary size")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    require_extra("llavao1-train", "train", ("torch", "transformers", "peft", "safetensors", "tokenizers"))
+    from .trainer import TrainConfig, TrainError, train
+
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(
+        data=args.data, out=args.out, init=args.init, model=args.model, lora=not args.full, full=args.full,
+        freeze_vision=args.freeze_vision, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_length=args.max_length, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume, eval_data=args.eval_data, eval_every=args.eval_every, eval_limit=args.eval_limit,
+        log_every=args.log_every, device=args.device, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+        skip_bad=args.skip_bad, tokenizer_vocab=args.tokenizer_vocab, progress=False if args.quiet else None)
+    if args.print_config:
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
+    from llavao1_edge.records import RecordError
+
+    try:
+        final = train(cfg)
+    except (TrainError, RecordError, ValueError, OSError) as e:
+        print(f"llavao1-train: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llavao1-train: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
+        return 130
+    print(f"wrote {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

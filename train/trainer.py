@@ -1,0 +1,461 @@
+"""The LLaVA-CoT fine-tuning loop: LoRA or full, one device or several (torchrun, DDP).
+
+Determinism is by construction: the data order of every epoch comes from the seed, a
+checkpoint stores model, optimizer, scheduler, RNG states and the data position, and
+`--resume` continues exactly where the checkpoint stopped (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llavao1_edge.answers import is_correct
+from llavao1_edge.records import IMAGE_TOKEN
+from llavao1_edge.stages import parse_answer
+
+from .data import (
+    BadExample,
+    Example,
+    ImageSpec,
+    collate,
+    pixels_for,
+    read_records_tolerant,
+    tokenize_record,
+)
+from .model import build_model, get_spec, save_checkpoint
+from .tokenizer import train_tokenizer
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # folder with records.jsonl (or the .jsonl file itself)
+    out: str = ""
+    init: str | None = None  # a named from-scratch config, e.g. "shapes-tiny"
+    model: str | None = None  # or a local Hugging Face LLaVA checkpoint folder
+    lora: bool = True  # LoRA on the language model (projector fully trained); from-scratch trains all
+    full: bool = False  # full fine-tuning (the paper's choice)
+    freeze_vision: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float = 1e-5  # the paper's; from-scratch models want ~1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    max_length: int = 2048  # tokens per example, image tokens included
+    save_every: int = 0  # steps; 0: only the final model
+    keep_checkpoints: int = 2
+    resume: bool = False
+    eval_data: str | None = None
+    eval_every: int = 0
+    eval_limit: int = 64
+    log_every: int = 10
+    device: str = "auto"  # auto | cuda | mps | cpu
+    grad_checkpointing: bool | None = None  # None: on for CUDA
+    seed: int = 0
+    skip_bad: bool = False
+    tokenizer_vocab: int | None = None  # --init only: BPE vocabulary size (default from the config)
+    progress: bool | None = None  # None: a bar on terminals
+
+
+class TrainError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda: no CUDA GPU is visible")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TrainError("--device mps: MPS is not available")
+    if name not in ("cpu", "mps"):
+        raise TrainError(f"--device must be auto, cuda, mps or cpu, got {name!r}")
+    return torch.device(name)
+
+
+def _records_path(data: str) -> Path:
+    p = Path(data)
+    p = p / "records.jsonl" if p.is_dir() else p
+    if not p.is_file():
+        raise TrainError(f"{p}: no records file (expected DIR/records.jsonl from llavao1-data, or a .jsonl file)")
+    return p
+
+
+def _image_stats_from_dir(model_dir: Path) -> tuple[list[float], list[float]]:
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = model_dir / name
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg:
+                return cfg["image_mean"], cfg["image_std"]
+    raise TrainError(f"{model_dir}: no processor config with image_mean/image_std")
+
+
+def _image_tokens(config) -> int:
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    if vc.model_type == "clip_vision_model" and config.vision_feature_select_strategy == "full":
+        n += 1  # CLS is kept
+    return n
+
+
+def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path):
+    """(model, tokenizer, image_spec, spec or None). Never downloads."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    if cfg.init:
+        spec = get_spec(cfg.init)
+        tok_dir = out / "tokenizer"
+        if tok_dir.is_dir():  # resume: the tokenizer trained by the first run
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        else:
+            tokenizer = train_tokenizer(texts_for_tokenizer(), cfg.tokenizer_vocab or spec.vocab_size)
+            tokenizer.save_pretrained(tok_dir)
+        model = build_model(spec, tokenizer, seed=cfg.seed)
+        ispec = ImageSpec(spec.image_size, spec.image_mean, spec.image_std, spec.image_tokens)
+        return model, tokenizer, ispec, spec
+    src = Path(cfg.model)
+    if not src.is_dir():
+        if "/" in cfg.model and not cfg.model.startswith((".", "/", "~")):
+            raise TrainError(f"{cfg.model}: looks like a hub id; the weights must be on disk (download them first)")
+        raise TrainError(f"{src}: no such checkpoint folder")
+    if not list(src.glob("*.safetensors")):
+        raise TrainError(f"{src}: no .safetensors weights (pickle weights are not loaded)")
+    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    mean, std = _image_stats_from_dir(src)
+    ispec = ImageSpec(model.config.vision_config.image_size, tuple(mean), tuple(std), _image_tokens(model.config))
+    return model, tokenizer, ispec, None
+
+
+def _apply_training_mode(model, cfg: TrainConfig):
+    if cfg.init:
+        return model  # a model from scratch trains everything
+    if cfg.full or not cfg.lora:
+        if cfg.freeze_vision:
+            for p in model.model.vision_tower.parameters():
+                p.requires_grad_(False)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      modules_to_save=["multi_modal_projector"])
+    return get_peft_model(model, lcfg)
+
+
+def _schedule(total: int, warmup_ratio: float):
+    warm = max(1, int(total * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    inner = model.module if hasattr(model, "module") else model
+    return {n: p.detach().cpu().clone() for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def save_training_state(out: Path, step: int, model, optimizer, scheduler, position: dict, keep: int) -> Path:
+    """OUT/checkpoints/step-N, written to a temporary folder and renamed (atomic)."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save({
+        "step": step, "position": position, "model": _trainable_state(model),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
+def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    inner = model.module if hasattr(model, "module") else model
+    params = dict(inner.named_parameters())
+    with torch.no_grad():
+        for n, t in state["model"].items():
+            params[n].copy_(t.to(params[n].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[tuple[Example, str]], ispec: ImageSpec, device, max_new: int = 512) -> float:
+    """Exact-match accuracy of the CONCLUSION with greedy decoding."""
+    inner = model.module if hasattr(model, "module") else model
+    was_training = inner.training
+    inner.eval()
+    correct = 0
+    for ex, reference in examples:
+        prompt_len = next(i for i, label in enumerate(ex.labels) if label != -100)
+        ids = torch.tensor([ex.input_ids[:prompt_len]], device=device)
+        kwargs = {}
+        if ex.image is not None:
+            kwargs["pixel_values"] = torch.from_numpy(pixels_for(ex, ispec))[None].to(device)
+        out = inner.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             **kwargs)
+        text = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=False).split(tokenizer.eos_token)[0]
+        parsed = parse_answer(text)
+        correct += is_correct(parsed.conclusion if parsed.segments else text, reference)
+    inner.train(was_training)
+    return correct / max(1, len(examples))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _log(out: Path, obj: dict) -> None:
+    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training; returns OUT/final."""
+    if bool(cfg.init) == bool(cfg.model):
+        raise TrainError("give exactly one of --init NAME or --model HF_DIR")
+    rank, world, local_rank = _dist()
+    device = pick_device(cfg.device, local_rank)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and latest_checkpoint(out) is not None:
+            raise TrainError(f"{out}: holds checkpoints from an earlier run; pass --resume or choose a new --out")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    skipped: list[str] = []
+    records = read_records_tolerant(_records_path(cfg.data), cfg.skip_bad, skipped)
+    if world > 1 and cfg.init and not (out / "tokenizer").is_dir():
+        if rank == 0:  # one rank trains the tokenizer, the others wait and load it
+            load_or_build(cfg, lambda: (t.value for r in records for t in r.conversations), out)
+        dist.barrier()
+    model, tokenizer, ispec, spec = load_or_build(cfg, lambda: (t.value for r in records for t in r.conversations), out)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    root = _records_path(cfg.data).parent
+
+    def build(recs, label: str) -> list[Example]:
+        exs = []
+        for r in recs:
+            try:
+                exs.append(tokenize_record(tokenizer, r, ispec, cfg.max_length, image_id, root))
+            except BadExample as e:
+                if not cfg.skip_bad:
+                    raise TrainError(f"{label}: {e}") from None
+                skipped.append(str(e))
+        return exs
+
+    examples = build(records, str(_records_path(cfg.data)))
+    if not examples:
+        raise TrainError("no usable training examples")
+    eval_examples: list[tuple[Example, str]] = []
+    if cfg.eval_data:
+        erecs = read_records_tolerant(_records_path(cfg.eval_data), cfg.skip_bad, skipped)[: cfg.eval_limit]
+        for r, ex in zip(erecs, build(erecs, cfg.eval_data), strict=False):
+            ref = r.meta.get("answer") or parse_answer(r.answer).conclusion or r.answer
+            eval_examples.append((ex, ref))
+    model = _apply_training_mode(model, cfg).to(device)
+    if cfg.grad_checkpointing or (cfg.grad_checkpointing is None and device.type == "cuda"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = max(1, len(examples) // per_step)
+    total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup_ratio))
+    step, epoch, offset = 0, 0, 0
+    if cfg.resume:
+        ck = latest_checkpoint(out)
+        if ck is None:
+            raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        state = load_training_state(ck, model, optimizer, scheduler)
+        step, epoch, offset = state["step"], state["position"]["epoch"], state["position"]["offset"]
+    if rank == 0:
+        (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "world_size": world,
+                                                           "examples": len(examples), "total_steps": total}, indent=2))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="train", unit="step",
+                   disable=None if cfg.progress is None else not cfg.progress, file=sys.stderr)
+    t_last, tok_count, sample_count, loss_acc = time.perf_counter(), 0, 0, []
+    order = _epoch_order(len(examples), cfg.seed, epoch)
+    while step < total:
+        if offset + per_step > len(order):  # next epoch
+            epoch, offset = epoch + 1, 0
+            order = _epoch_order(len(examples), cfg.seed, epoch)
+        global_idx = order[offset:offset + per_step]
+        offset += per_step
+        mine = global_idx[rank::world]  # this rank's share of the global batch
+        optimizer.zero_grad(set_to_none=True)
+        n_label = sum(sum(1 for x in examples[i].labels[1:] if x != -100) for i in mine)
+        for k in range(cfg.grad_accum):
+            micro = [examples[i] for i in mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+            if not micro:
+                continue
+            batch = collate(micro, [pixels_for(e, ispec) if e.image is not None else None for e in micro],
+                            tokenizer.pad_token_id)
+            batch = {k2: v.to(device) for k2, v in batch.items()}
+            sync = world == 1 or k == cfg.grad_accum - 1
+            ctx = model.no_sync() if (world > 1 and not sync) else _null()
+            with ctx, autocast:
+                logits = model(**{k2: v for k2, v in batch.items() if k2 != "labels"}).logits
+                loss_sum = _token_loss_sum(logits, batch["labels"])
+                loss = loss_sum / max(1, n_label)
+            loss.backward()
+            loss_acc.append(loss_sum.item())
+            tok_count += int(batch["attention_mask"].sum())
+            sample_count += len(micro)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if rank == 0:
+            mean_loss = sum(loss_acc) / max(1, n_label)
+            loss_acc = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % cfg.log_every == 0 or step == total or step == 1:
+                dt = time.perf_counter() - t_last
+                _log(out, {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": tok_count * world / dt, "samples_per_s": sample_count * world / dt})
+                t_last, tok_count, sample_count = time.perf_counter(), 0, 0
+        if cfg.eval_every and eval_examples and step % cfg.eval_every == 0 and rank == 0:
+            acc = evaluate(model, tokenizer, eval_examples, ispec, device)
+            _log(out, {"step": step, "eval_accuracy": acc, "eval_n": len(eval_examples)})
+            bar.write(f"step {step}: eval accuracy {acc:.3f} on {len(eval_examples)}")
+        if cfg.save_every and step % cfg.save_every == 0 and rank == 0:
+            save_training_state(out, step, model, optimizer, scheduler, {"epoch": epoch, "offset": offset},
+                                cfg.keep_checkpoints)
+        if world > 1 and cfg.save_every and step % cfg.save_every == 0:
+            dist.barrier()
+    if bar is not None:
+        bar.close()
+    final = out / "final"
+    if rank == 0:
+        _save_final(model, tokenizer, spec, cfg, out)
+        if skipped:
+            print(f"skipped {len(skipped)} bad records (--skip-bad); first: {skipped[0]}", file=sys.stderr)
+            _log(out, {"skipped": len(skipped), "first": skipped[:5]})
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over answer tokens (labels != -100)."""
+    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:]  # [B, T-1]
+    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_final(model, tokenizer, spec, cfg: TrainConfig, out: Path) -> None:
+    """OUT/final: a plain HF checkpoint (LoRA merged; the adapter kept in OUT/adapter)."""
+    inner = model.module if hasattr(model, "module") else model
+    tmp = out / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(inner, "merge_and_unload"):  # peft
+        inner.save_pretrained(out / "adapter")
+        inner = inner.merge_and_unload()
+    inner = inner.to("cpu").float()
+    if spec is not None:
+        save_checkpoint(inner, tokenizer, spec, tmp)
+    else:
+        inner.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        src = Path(cfg.model)
+        for name in ("preprocessor_config.json", "processor_config.json", "chat_template.jinja",
+                     "chat_template.json", "llavao1_model.json"):
+            if (src / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(src / name, tmp / name)
+    final = out / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
