@@ -34,6 +34,9 @@ class EngineConfig:
     kv_f32: bool = False  # F32 KV cache: exact parity with transformers (default F16: half the memory)
     flash_attn: bool | None = None  # None: llama.cpp decides; False for parity tests
     image_cache: int = 8  # encoded images kept (LRU)
+    # llama.cpp's extra CPU buffer types (weight repacking, AMX). None: off when the CPU advertises
+    # AMX, whose kernels raise SIGILL (`tilezero`) on VMs that report but do not run AMX.
+    extra_buffer_types: bool | None = None
     verbose: bool = False  # let llama.cpp print its logs
 
 
@@ -61,6 +64,14 @@ def _init_backend(verbose: bool) -> None:
             L.llama_log_set(quiet, None)
             M.mtmd_log_set(quiet, None)
             M.mtmd_helper_log_set(quiet, None)
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return " amx_tile" in f.read()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -138,6 +149,7 @@ class Engine:
         self._batch = None
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = cfg.n_gpu_layers
+        mp.use_extra_bufts = cfg.extra_buffer_types if cfg.extra_buffer_types is not None else not cpu_has_amx()
         self._model = L.llama_model_load_from_file(self.model_path.encode(), mp)
         if not self._model:
             raise ModelFileError(f"{self.model_path}: llama.cpp could not load this model")
@@ -473,6 +485,20 @@ class Engine:
         for i in range(0, len(rows), step):
             out += self._run_batch(rows[i:i + step])
         return out
+
+    def score(self, seq: int, tokens: list[int], pos: int) -> np.ndarray:
+        """Append tokens to a sequence and return the logits after every one: [len(tokens), n_vocab]."""
+        self._alive()
+        rows = [(tok, pos + j, seq, True) for j, tok in enumerate(tokens)]
+        out: list[np.ndarray] = []
+        for i in range(0, len(rows), self.config.n_batch):
+            out += self._run_batch(rows[i:i + self.config.n_batch])
+        return np.stack(out)
+
+    def image_embeddings(self, prompt: Prompt) -> np.ndarray:
+        """[n_tokens, n_embd] projector output for the prompt's image (encoded if not cached)."""
+        chunk = next(c for c in prompt.chunks if isinstance(c, ImageChunk))
+        return self._embeddings(chunk, PrefillStats()).reshape(chunk.n_tokens, self.n_embd)
 
     def step(self, entries: list[tuple[int, int, int]]) -> list[np.ndarray]:
         """One token for each of several sequences: entries (seq, token, pos) -> logits each."""

@@ -1,0 +1,46 @@
+"""Child process for `verify`: runs prompts through llama.cpp and saves logits and embeddings.
+
+Run as `python -m llavao1_export.llama_probe REQUEST.json OUT.npz`. It is a separate process so
+that a native abort inside llama.cpp can never take the caller down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def probe(req: dict) -> dict[str, np.ndarray]:
+    from llavao1_edge.engine import Engine, EngineConfig
+
+    cfg = EngineConfig(n_ctx=req.get("n_ctx", 2048), n_seq_max=2, kv_f32=True, flash_attn=False,
+                       n_threads=req.get("threads", 0))
+    out: dict[str, np.ndarray] = {}
+    with Engine(req["model"], req.get("mmproj"), cfg) as e:
+        ids = e.tokenize(req["text_prompt"])
+        logits = e.score(0, ids + req["text_continuation"], 0)
+        out["text_ids"] = np.array(ids)
+        out["text_logits"] = logits[: len(ids)]
+        out["text_argmax"] = logits[len(ids) - 1:].argmax(-1)  # greedy choice at each continuation step
+        if req.get("mmproj"):
+            prompt = e.prepare(req["image_prompt"].replace("<image>", e.marker), req["image"])
+            state, _ = e.eval_prompt(prompt)
+            out["image_embd"] = e.image_embeddings(prompt)
+            out["image_ids"] = np.array([t for c in prompt.chunks if hasattr(c, "tokens") for t in c.tokens])
+            cont = e.score(0, req["image_continuation"], state.pos) if req["image_continuation"] else np.empty((0,))
+            out["image_last_logits"] = state.logits
+            out["image_argmax"] = np.concatenate([[state.logits.argmax()], cont.argmax(-1)[:-1] if len(cont) else []])
+            e.free_prompt(prompt)
+    return out
+
+
+def main() -> int:
+    req = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    np.savez(sys.argv[2], **probe(req))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Quantize GGUF files (text models and mmproj) through llama.cpp's own quantizer.
+
+QUANT_TYPES is the one table of quantization names in the project. Inputs are validated before
+llama.cpp sees them, unknown types are refused before any work, the input is never
+overwritten, and the output appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llavao1_edge.modelfile import check_projector, check_text_model
+
+from .checkpoint import ExportError
+
+# Our name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* constant name. The order is from large to small.
+QUANT_TYPES: dict[str, str] = {
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+_FALLBACK_RE = re.compile(r"warning: (\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\S+)\).*?"
+                          r"-> falling back to\s+(\S+)", re.DOTALL)
+_lock = threading.Lock()  # the log callback is process-wide
+
+
+def normalise_type(name: str) -> str:
+    key = name.strip().upper()
+    if key not in QUANT_TYPES:
+        raise ExportError(f"unknown quantization type {name!r}; known: {', '.join(QUANT_TYPES)}")
+    return key
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    qtype: str
+    size_bytes: int
+    input_bytes: int
+    tensor_types: dict[str, int]  # ggml type -> tensor count in the output
+    fallbacks: list[dict] = field(default_factory=list)  # {tensor, wanted, used}
+
+    def summary(self) -> str:
+        mib = self.size_bytes / 2**20
+        ratio = self.size_bytes / max(1, self.input_bytes)
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(self.tensor_types.items()))
+        lines = [f"{self.path} ({self.qtype}): {mib:.2f} MiB, {ratio:.0%} of the input; tensors: {types}"]
+        if self.fallbacks:
+            lines.append(f"  {len(self.fallbacks)} tensor(s) fell back to another type (row length not divisible "
+                         "by the block size):")
+            lines += [f"    {f['tensor']}: {f['wanted']} -> {f['used']}" for f in self.fallbacks]
+        return "\n".join(lines)
+
+
+def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, threads: int = 0) -> QuantizeResult:
+    """Quantize a text-model or mmproj GGUF to `qtype` (a QUANT_TYPES name)."""
+    import gguf
+    import llama_cpp as L
+
+    qtype = normalise_type(qtype)
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise ExportError(f"{src}: file not found")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ExportError(f"{dst}: the output would overwrite the input; choose another name")
+    reader = gguf.GGUFReader(str(src)) if src.read_bytes()[:4] == b"GGUF" else None
+    arch = reader.fields["general.architecture"].contents() if reader and "general.architecture" in reader.fields else None
+    del reader
+    (check_projector if arch == "clip" else check_text_model)(src)  # never hand llama.cpp a bad file
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    params = L.llama_model_quantize_default_params()
+    params.ftype = getattr(L, QUANT_TYPES[qtype])
+    params.nthread = threads
+    log: list[str] = []
+    with _lock:
+        from llavao1_edge.engine import _init_backend, _log_callbacks
+
+        _init_backend(verbose=False)
+        capture = L.llama_log_callback(lambda level, text, user: log.append(text.decode("utf-8", "replace")))
+        L.llama_log_set(capture, None)
+        try:
+            rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        finally:
+            L.llama_log_set(_log_callbacks[0] if _log_callbacks else None, None)
+    try:
+        if rc != 0:
+            raise ExportError(f"{src}: llama.cpp could not quantize to {qtype} (code {rc})")
+        out_reader = gguf.GGUFReader(str(tmp))
+        types = Counter(t.tensor_type.name for t in out_reader.tensors)
+        del out_reader
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fallbacks = [{"tensor": m.group(1), "wanted": m.group(2), "used": m.group(3)}
+                 for m in _FALLBACK_RE.finditer("".join(log))]
+    return QuantizeResult(dst, qtype, dst.stat().st_size, src.stat().st_size, dict(types), fallbacks)

@@ -1,0 +1,209 @@
+"""Check that exported files compute what the original model computes.
+
+The same text prompt and image prompt go through transformers (fp32, the reference), llama.cpp
+(F32 KV cache, flash attention off, in a child process) and optionally onnxruntime. Reported per
+path: max |Δlogit| over the prompt, top-1 agreement along the reference's greedy continuation,
+max |Δ| of the image embeddings, and pass/fail against thresholds for unquantized files.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llavao1_edge.images import preprocess
+from llavao1_edge.modelfile import describe
+from llavao1_edge.prompting import render_user_turn
+
+from .checkpoint import ExportError
+
+TEXT_THRESHOLD = 1e-4  # F32 GGUF text logits
+IMAGE_THRESHOLD = 5e-3  # image embeddings, towers without CLS (llama.cpp's own arithmetic differs slightly)
+ONNX_THRESHOLD = 1e-4  # ONNX fp32 logits
+TEXT_PROMPT = "Count the red circles, then say whether there are more circles than squares."
+IMAGE_PROMPT = "<image>\nWhat is in the image? Describe each object."
+CONTINUATION = 16  # greedy tokens compared
+
+
+@dataclass
+class PathReport:
+    path: str  # "gguf" | "onnx"
+    files: list[str]
+    quantized: bool
+    text_max_abs_logit: float | None = None
+    text_top1_agreement: float | None = None
+    image_max_abs_embd: float | None = None
+    image_max_abs_logit: float | None = None
+    image_top1_agreement: float | None = None
+    tokens_match: bool = True
+    checks: dict[str, bool] = field(default_factory=dict)  # threshold name -> passed (unquantized only)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.tokens_match and all(self.checks.values())
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    paths: list[PathReport]
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.paths)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "passed": self.passed,
+                "paths": [{**asdict(p), "passed": p.passed} for p in self.paths]}
+
+    def table(self) -> str:
+        def f(v):
+            return "-" if v is None else (f"{v:.2e}" if isinstance(v, float) and v < 0.01 else f"{v:.4g}")
+        rows = [f"{'path':<6} {'quantized':<9} {'text max|Δlogit|':>17} {'text top1':>9} {'image max|Δembd|':>17} "
+                f"{'image max|Δlogit|':>18} {'image top1':>10}  result"]
+        for p in self.paths:
+            verdict = ("pass" if p.passed else "FAIL") if p.checks or not p.tokens_match else "reported"
+            rows.append(f"{p.path:<6} {str(p.quantized):<9} {f(p.text_max_abs_logit):>17} {f(p.text_top1_agreement):>9} "
+                        f"{f(p.image_max_abs_embd):>17} {f(p.image_max_abs_logit):>18} {f(p.image_top1_agreement):>10}  {verdict}")
+            rows += [f"       note: {n}" for n in p.notes]
+        return "\n".join(rows)
+
+
+class Reference:
+    """The transformers model in fp32, and the inputs every path gets."""
+
+    def __init__(self, model_dir: str | Path):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        from .checkpoint import load_checkpoint
+
+        self.ckpt = load_checkpoint(model_dir)  # clear errors for broken folders
+        self.torch = torch
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        cfg = self.model.config
+        vc = cfg.vision_config
+        self.image_size, self.mean, self.std = vc.image_size, self.ckpt.image_mean, self.ckpt.image_std
+        n = (vc.image_size // vc.patch_size) ** 2
+        if vc.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "full":
+            n += 1
+        self.n_image_tokens = n
+        self.image_token = self.tok.convert_ids_to_tokens(cfg.image_token_id)
+        template = self.ckpt.chat_template
+        self.text_prompt = render_user_turn(template, TEXT_PROMPT)
+        self.image_prompt = render_user_turn(template, IMAGE_PROMPT)
+        self.image = self._test_image()
+
+    def _test_image(self):
+        from PIL import Image, ImageDraw
+
+        img = Image.new("RGB", (self.image_size * 3 // 2, self.image_size), (235, 235, 232))  # not square: padding is checked
+        d = ImageDraw.Draw(img)
+        s = self.image_size
+        d.ellipse([s * 0.1, s * 0.2, s * 0.5, s * 0.6], fill=(215, 40, 40))
+        d.rectangle([s * 0.7, s * 0.3, s * 1.1, s * 0.7], fill=(40, 90, 225))
+        d.polygon([(s * 1.2, s * 0.8), (s * 1.4, s * 0.8), (s * 1.3, s * 0.5)], fill=(40, 165, 60))
+        return img
+
+    def text_ids(self) -> list[int]:
+        return self.tok(self.text_prompt, add_special_tokens=False)["input_ids"]
+
+    def image_ids(self) -> list[int]:
+        ids = self.tok(self.image_prompt, add_special_tokens=False)["input_ids"]
+        at = ids.index(self.model.config.image_token_id)
+        return ids[:at] + [self.model.config.image_token_id] * self.n_image_tokens + ids[at + 1:]
+
+    def pixels(self):
+        return self.torch.from_numpy(preprocess(self.image, self.image_size, self.mean, self.std))[None]
+
+    def run(self) -> dict[str, np.ndarray]:
+        torch = self.torch
+        with torch.no_grad():
+            ids = torch.tensor([self.text_ids()])
+            text_logits = self.model(input_ids=ids).logits[0].numpy()
+            text_cont = self._greedy(ids, None)
+            iids = torch.tensor([self.image_ids()])
+            px = self.pixels()
+            image_logits = self.model(input_ids=iids, pixel_values=px).logits[0, -1].numpy()
+            image_cont = self._greedy(iids, px)
+            embd = self.model.model.get_image_features(pixel_values=px).pooler_output[0].numpy()
+        return {"text_logits": text_logits, "text_cont": text_cont, "image_last_logits": image_logits,
+                "image_cont": image_cont, "image_embd": embd}
+
+    def _greedy(self, ids, px) -> np.ndarray:
+        kwargs = {"pixel_values": px} if px is not None else {}
+        out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=CONTINUATION,
+                                  min_new_tokens=CONTINUATION, do_sample=False,
+                                  pad_token_id=self.tok.pad_token_id or 0, **kwargs)
+        return out[0, ids.shape[1]:].numpy()
+
+
+def _probe_gguf(ref: Reference, ref_out: dict, text: str, mmproj: str | None, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        req = {"model": text, "mmproj": mmproj, "text_prompt": ref.text_prompt, "image_prompt": ref.image_prompt,
+               "text_continuation": ref_out["text_cont"].tolist(), "image_continuation": ref_out["image_cont"].tolist(),
+               "image": str(Path(tmp) / "image.png"), "threads": threads}
+        ref.image.save(req["image"])
+        (Path(tmp) / "req.json").write_text(json.dumps(req))
+        proc = subprocess.run([sys.executable, "-m", "llavao1_export.llama_probe", str(Path(tmp) / "req.json"),
+                               str(Path(tmp) / "out.npz")], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ExportError(f"llama.cpp failed on {text} (exit {proc.returncode}): {last}")
+        with np.load(Path(tmp) / "out.npz") as z:
+            return {k: z[k] for k in z.files}
+
+
+def _is_quantized(path: str) -> bool:
+    return describe(path).metadata.get("general.file_type", 0) != 0  # 0 = all F32
+
+
+def verify(model_dir: str | Path, gguf: str | None = None, mmproj: str | None = None, onnx_dir: str | None = None,
+           threads: int = 0) -> VerifyReport:
+    if not (gguf or onnx_dir):
+        raise ExportError("nothing to verify: give --gguf (with --mmproj) and/or --onnx")
+    ref = Reference(model_dir)
+    ref_out = ref.run()
+    paths: list[PathReport] = []
+    if gguf:
+        paths.append(_compare_gguf(ref, ref_out, gguf, mmproj, threads))
+    if onnx_dir:
+        from .onnx_export import verify_onnx
+
+        paths.append(verify_onnx(ref, ref_out, onnx_dir))
+    return VerifyReport(str(model_dir), paths)
+
+
+def _compare_gguf(ref: Reference, ref_out: dict, gguf: str, mmproj: str | None, threads: int) -> PathReport:
+    got = _probe_gguf(ref, ref_out, gguf, mmproj, threads)
+    quantized = _is_quantized(gguf) or (mmproj is not None and _is_quantized(mmproj))
+    rep = PathReport("gguf", [gguf] + ([mmproj] if mmproj else []), quantized)
+    hf_ids = ref.text_ids()
+    if list(got["text_ids"]) != hf_ids:
+        rep.tokens_match = False
+        rep.notes.append(f"tokenization differs: llama.cpp {list(got['text_ids'])[:12]}... vs transformers {hf_ids[:12]}...")
+    else:
+        rep.text_max_abs_logit = float(np.abs(got["text_logits"] - ref_out["text_logits"]).max())
+    n = len(ref_out["text_cont"])
+    rep.text_top1_agreement = float((got["text_argmax"][:n] == ref_out["text_cont"]).mean())
+    if mmproj:
+        rep.image_max_abs_embd = float(np.abs(got["image_embd"] - ref_out["image_embd"]).max())
+        rep.image_max_abs_logit = float(np.abs(got["image_last_logits"] - ref_out["image_last_logits"]).max())
+        m = len(ref_out["image_cont"])
+        rep.image_top1_agreement = float((got["image_argmax"][:m] == ref_out["image_cont"]).mean())
+    if ref.model.config.vision_config.model_type == "clip_vision_model":
+        rep.notes.append("CLIP tower with CLS: llama.cpp 0.3.36 orders CLS after the patches (issue #25814); "
+                         "the image gap is reported, not judged")
+    if not _is_quantized(gguf) and rep.text_max_abs_logit is not None:
+        rep.checks["text_logits<=1e-4"] = rep.text_max_abs_logit <= TEXT_THRESHOLD
+    if mmproj and not _is_quantized(mmproj) and ref.model.config.vision_config.model_type != "clip_vision_model":
+        rep.checks["image_embd<=5e-3"] = rep.image_max_abs_embd <= IMAGE_THRESHOLD
+    return rep
