@@ -178,8 +178,10 @@ def describe(path: str | os.PathLike) -> ModelInfo:
     facts: dict[str, object] = {}
     prefix = "clip.vision." if arch == K.VISION_ARCHITECTURE else f"{arch}."
     for key in reader.fields:
-        if key.startswith(prefix) and len(reader.fields[key].types) == 1:
-            facts[key[len(prefix):]] = _value(reader, key)
+        if key.startswith(prefix):
+            value = _value(reader, key)
+            if not (isinstance(value, list) and len(value) > 16):  # no token lists in a summary
+                facts[key[len(prefix):]] = value
     if arch == K.VISION_ARCHITECTURE:
         facts["projector_type"] = _value(reader, K.CLIP_PROJECTOR_TYPE)
     else:

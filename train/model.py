@@ -35,6 +35,7 @@ class ModelSpec:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     vision_act: str = "gelu_pytorch_tanh"  # ggml's GELU is the tanh form: exact parity
     projector_act: str = "gelu_pytorch_tanh"
+    vision_tower: str = "siglip"  # or "clip" (has a CLS token: llama.cpp 0.3.36 mishandles it)
 
     @property
     def image_tokens(self) -> int:
@@ -70,11 +71,18 @@ def build_model(spec: ModelSpec, tokenizer, seed: int = 0):
         raise ValueError(f"image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
     if spec.vision_ffn == spec.vision_width:
         raise ValueError("vision_ffn must differ from vision_width (llama.cpp's loader swaps them otherwise)")
-    vision = SiglipVisionConfig(
-        hidden_size=spec.vision_width, intermediate_size=spec.vision_ffn, num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
-        hidden_act=spec.vision_act, vision_use_head=False, layer_norm_eps=1e-6,
-    )
+    common = dict(hidden_size=spec.vision_width, intermediate_size=spec.vision_ffn,
+                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                  image_size=spec.image_size, patch_size=spec.patch_size, hidden_act=spec.vision_act,
+                  layer_norm_eps=1e-6)
+    if spec.vision_tower == "siglip":
+        vision, strategy = SiglipVisionConfig(vision_use_head=False, **common), "full"
+    elif spec.vision_tower == "clip":
+        from transformers import CLIPVisionConfig
+
+        vision, strategy = CLIPVisionConfig(projection_dim=spec.vision_width, **common), "default"  # drop CLS
+    else:
+        raise ValueError(f"vision_tower must be 'siglip' or 'clip', got {spec.vision_tower!r}")
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.text_width, intermediate_size=spec.text_ffn,
         num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
@@ -85,7 +93,7 @@ def build_model(spec: ModelSpec, tokenizer, seed: int = 0):
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act=spec.projector_act, vision_feature_select_strategy="full",
+        projector_hidden_act=spec.projector_act, vision_feature_select_strategy=strategy,
         vision_feature_layer=spec.feature_layer, image_seq_length=spec.image_tokens,
         tie_word_embeddings=spec.tie_embeddings,
     )
@@ -105,9 +113,10 @@ def save_processor(tokenizer, spec: ModelSpec, out_dir: str | Path) -> None:
         size={"height": spec.image_size, "width": spec.image_size}, image_mean=list(spec.image_mean),
         image_std=list(spec.image_std), resample=3,
     )
+    clip = spec.vision_tower == "clip"  # CLS is added by the tower and dropped again ("default")
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-                               vision_feature_select_strategy="full", chat_template=tokenizer.chat_template,
-                               num_additional_image_tokens=0)
+                               vision_feature_select_strategy="default" if clip else "full",
+                               chat_template=tokenizer.chat_template, num_additional_image_tokens=int(clip))
     processor.save_pretrained(out_dir)
 
 

@@ -409,6 +409,13 @@ def train(cfg: TrainConfig) -> Path:
             dist.barrier()
     if bar is not None:
         bar.close()
+    if world > 1:  # replicas must hold identical weights; say so in the log if they do not
+        sums = [None] * world
+        dist.all_gather_object(sums, param_checksum(model))
+        if rank == 0:
+            _log(out, {"step": step, "replica_checksums": sums, "replicas_identical": len(set(sums)) == 1})
+            if len(set(sums)) != 1:
+                print("warning: data-parallel replicas diverged (checksums differ)", file=sys.stderr)
     final = out / "final"
     if rank == 0:
         _save_final(model, tokenizer, spec, cfg, out)
@@ -419,6 +426,17 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def param_checksum(model) -> str:
+    """sha256 over all parameters, in name order."""
+    import hashlib
+
+    inner = model.module if hasattr(model, "module") else model
+    h = hashlib.sha256()
+    for name, p in sorted(inner.named_parameters()):
+        h.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

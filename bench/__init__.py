@@ -1,0 +1,1 @@
+"""llavao1_bench: latency, memory and accuracy across quantization levels and search settings."""

@@ -1,0 +1,109 @@
+"""`llavao1-export`: convert a Hugging Face LLaVA checkpoint, quantize it, and prove it still computes the same.
+
+examples:
+  llavao1-export gguf --model runs/tiny/final --out models/ --outtype f16
+  llavao1-export quantize models/final-f16.gguf models/final-Q4_K_M.gguf --type Q4_K_M
+  llavao1-export verify --model runs/tiny/final --gguf models/final-f32.gguf --mmproj models/mmproj-final-f32.gguf
+  llavao1-export onnx --model runs/tiny/final --out models/onnx --quant int8
+  llavao1-export inspect models/final-Q4_K_M.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llavao1_edge.extras import require_extra
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .onnx_export import ONNX_QUANTS
+    from .quantize import QUANT_TYPES
+
+    p = argparse.ArgumentParser(prog="llavao1-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gguf", help="write the text model and the projector (mmproj) as GGUF")
+    g.add_argument("--model", required=True, help="Hugging Face LLaVA checkpoint folder")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16"])
+    q = sub.add_parser("quantize", help="quantize a text-model or mmproj GGUF",
+                       description=f"Types: {', '.join(QUANT_TYPES)}. The input is never overwritten.")
+    q.add_argument("input")
+    q.add_argument("output")
+    q.add_argument("--type", required=True, help="quantization type, e.g. Q4_K_M")
+    q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--json", action="store_true")
+    o = sub.add_parser("onnx", help="write vision_encoder / embed_tokens / decoder_model_merged ONNX graphs")
+    o.add_argument("--model", required=True)
+    o.add_argument("--out", required=True)
+    o.add_argument("--quant", default="none", choices=ONNX_QUANTS)
+    v = sub.add_parser("verify", help="compare exported files with the transformers model",
+                       description="Thresholds: F32 GGUF text logits <= 1e-4, image embeddings <= 5e-3 (towers "
+                       "without CLS), ONNX fp32 logits <= 1e-4. Quantized files are reported, not judged. "
+                       "Exit code 1 when a threshold fails.")
+    v.add_argument("--model", required=True)
+    v.add_argument("--gguf", help="text model GGUF")
+    v.add_argument("--mmproj", help="projector GGUF")
+    v.add_argument("--onnx", help="ONNX folder from `llavao1-export onnx`")
+    v.add_argument("--threads", type=int, default=0)
+    v.add_argument("--json", action="store_true")
+    i = sub.add_parser("inspect", help="architecture, sizes, tensor types and metadata of a GGUF")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _run(args) -> int:
+    if args.command == "gguf":
+        from .gguf_convert import convert_to_gguf
+
+        res = convert_to_gguf(args.model, args.out, args.outtype, log=lambda s: print(s, file=sys.stderr))
+        print(res.text)
+        print(res.mmproj)
+        return 0
+    if args.command == "quantize":
+        from .quantize import quantize_gguf
+
+        res = quantize_gguf(args.input, args.output, args.type, args.threads)
+        print(json.dumps({**vars(res), "path": str(res.path)}) if args.json else res.summary())
+        return 0
+    if args.command == "onnx":
+        from .onnx_export import export_onnx
+
+        print(export_onnx(args.model, args.out, args.quant, log=lambda s: print(s, file=sys.stderr)))
+        return 0
+    if args.command == "verify":
+        from .verify import verify
+
+        if args.mmproj and not args.gguf:
+            raise ValueError("--mmproj needs --gguf (the text model it belongs to)")
+        report = verify(args.model, args.gguf, args.mmproj, args.onnx, args.threads)
+        print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+        return 0 if report.passed else 1
+    from llavao1_edge.cli import main as edge_main
+
+    return edge_main(["info", args.file] + (["--json"] if args.json else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "inspect":
+        require_extra("llavao1-export", "export", ("torch", "transformers", "safetensors", "onnx", "onnxruntime"))
+    from llavao1_edge.modelfile import ModelFileError
+
+    from .checkpoint import ExportError
+
+    try:
+        return _run(args)
+    except (ExportError, ModelFileError, ValueError, OSError) as e:
+        print(f"llavao1-export: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llavao1-export: interrupted; nothing was left under the final name", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

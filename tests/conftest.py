@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models built in-process (nothing is downloaded).
+
+- `tiny_tokenizer`: a byte-level BPE trained on generated shapes texts.
+- `make_checkpoint(**spec_overrides)`: a random test-tiny LLaVA checkpoint folder.
+- `trained`: shapes data -> `llavao1-train --init test-tiny` -> GGUF F32 files. The model really
+  writes four-stage answers (memorised from a dozen questions), which the runtime tests need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shapes_texts(tmp_path_factory) -> list[str]:
+    from llavao1_train.shapes import ShapesConfig, write_dataset
+
+    from llavao1_edge.records import read_records
+
+    out = tmp_path_factory.mktemp("tok-data") / "d"
+    write_dataset(ShapesConfig(n=48, seed=99), out, progress=False)
+    return [t.value for r in read_records(out / "records.jsonl") for t in r.conversations]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(shapes_texts):
+    from llavao1_train.tokenizer import train_tokenizer
+
+    return train_tokenizer(shapes_texts, 400)
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, tiny_tokenizer):
+    from llavao1_train.model import build_model, get_spec, save_checkpoint
+
+    made: dict[str, Path] = {}
+
+    def make(name: str = "base", seed: int = 0, **overrides) -> Path:
+        if name not in made:
+            spec = get_spec("test-tiny", **overrides)
+            folder = tmp_path_factory.mktemp("ckpt") / name
+            save_checkpoint(build_model(spec, tiny_tokenizer, seed=seed), tiny_tokenizer, spec, folder)
+            made[name] = folder
+        return made[name]
+
+    return make
+
+
+@dataclass
+class Trained:
+    data: Path  # shapes dataset the model was trained on
+    hf: Path  # OUT/final
+    run: Path  # the training run folder
+    gguf: Path  # F32 text model
+    mmproj: Path  # F32 projector
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    from llavao1_export.gguf_convert import convert_to_gguf
+    from llavao1_train.shapes import ShapesConfig, write_dataset
+    from llavao1_train.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data"
+    write_dataset(ShapesConfig(n=12, seed=2, kinds=("cot", "judge"), families=("count_color", "attribute", "compare")),
+                  data, progress=False)
+    final = train(TrainConfig(data=str(data), out=str(root / "run"), init="test-tiny", max_steps=150, lr=3e-3,
+                              batch_size=8, max_length=1024, log_every=50, device="cpu", progress=False))
+    res = convert_to_gguf(final, root / "gguf", "f32")
+    return Trained(data, final, root / "run", res.text, res.mmproj)
