@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,9 @@ def load_image(source: ImageSource) -> Image.Image:
                 raise ImageError(f"{name}: file not found")
             fp = path
         try:
-            img = Image.open(fp)
+            with warnings.catch_warnings():  # we refuse large images ourselves, with a clearer message
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fp)
             _check_size(img, name)
             img.load()
         except ImageError:

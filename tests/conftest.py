@@ -68,7 +68,7 @@ def trained(tmp_path_factory) -> Trained:
     data = root / "data"
     write_dataset(ShapesConfig(n=12, seed=2, kinds=("cot", "judge"), families=("count_color", "attribute", "compare")),
                   data, progress=False)
-    final = train(TrainConfig(data=str(data), out=str(root / "run"), init="test-tiny", max_steps=150, lr=3e-3,
+    final = train(TrainConfig(data=str(data), out=str(root / "run"), init="test-tiny", max_steps=240, lr=3e-3,
                               batch_size=8, max_length=1024, log_every=50, device="cpu", progress=False))
     res = convert_to_gguf(final, root / "gguf", "f32")
     return Trained(data, final, root / "run", res.text, res.mmproj)

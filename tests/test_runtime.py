@@ -1,0 +1,312 @@
+"""The runtime on a real (tiny, trained) model: invariants, streaming, hostile inputs, API, CLI."""
+
+import io
+import json
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llavao1_edge import api, cli
+from llavao1_edge.engine import Engine, EngineConfig, EngineError
+from llavao1_edge.images import ImageError, load_image
+from llavao1_edge.modelfile import ModelFileError
+from llavao1_edge.records import read_records
+from llavao1_edge.search import SearchConfig, run_search, search_events
+from llavao1_edge.stages import STAGE_NAMES
+
+
+@pytest.fixture(scope="module")
+def questions(trained):
+    recs = [r for r in read_records(trained.data / "records.jsonl") if r.meta["kind"] == "cot"]
+    return [(trained.data / r.image, r.question, r.meta["answer"]) for r in recs]
+
+
+@pytest.fixture(scope="module")
+def reasoner(trained):
+    with api.Reasoner(trained.gguf, trained.mmproj, n_threads=2) as r:
+        yield r
+
+
+def _chosen_tokens(result):
+    return [t for s in result.steps for t in s.candidates[s.chosen].tokens]
+
+
+def test_stage_search_with_one_candidate_is_exactly_greedy(reasoner, questions):
+    for image, q, _ in questions[:6]:
+        g = reasoner.ask(image, q, strategy="greedy")
+        s = reasoner.ask(image, q, strategy="stage", candidates=1)
+        assert _chosen_tokens(s) == _chosen_tokens(g)
+        assert s.text == g.text and s.stages == g.stages
+
+
+def test_trained_model_answers_in_four_stages(reasoner, questions):
+    results = [reasoner.ask(img, q, strategy="greedy") for img, q, _ in questions]
+    formed = sum(r.parsed.well_formed for r in results)
+    correct = sum(r.answer == want for r, (_, _, want) in zip(results, questions, strict=True))
+    assert formed >= len(results) // 2, [r.parsed.issues for r in results]
+    assert correct >= len(results) // 3  # memorised training questions; the bar is low on purpose
+
+
+def test_forked_prefix_logits_equal_a_fresh_evaluation(trained, questions):
+    image, q, _ = questions[0]
+    cfg = EngineConfig(n_ctx=1024, n_seq_max=4, n_threads=2, kv_f32=True, flash_attn=False)
+    text = f"<|user|>\n<__media__>\n{q}<|end|>\n<|assistant|>\n"
+    with Engine(trained.gguf, trained.mmproj, cfg) as e:
+        state, _ = e.eval_prompt(e.prepare(text, image))
+        e.fork(0, 2)
+        forked = e.decode_tokens(2, [7, 8, 9], state.pos)
+    with Engine(trained.gguf, trained.mmproj, cfg) as fresh:
+        state2, _ = fresh.eval_prompt(fresh.prepare(text, image))
+        direct = fresh.decode_tokens(0, [7, 8, 9], state2.pos)
+    print("max |forked - fresh|", np.abs(forked - direct).max())
+    assert np.abs(forked - direct).max() < 1e-5
+
+
+def test_cached_image_equals_fresh_encode_and_skips_the_encoder(trained, questions):
+    image, q, _ = questions[1]
+    cfg = EngineConfig(n_ctx=1024, n_seq_max=2, n_threads=2, kv_f32=True, flash_attn=False)
+    with Engine(trained.gguf, trained.mmproj, cfg) as e:
+        first, s1 = e.eval_prompt(e.prepare(f"<|user|>\n<__media__>\n{q}<|end|>\n<|assistant|>\n", image))
+        other = "How many objects are there?"
+        second, s2 = e.eval_prompt(e.prepare(f"<|user|>\n<__media__>\n{other}<|end|>\n<|assistant|>\n", image))
+        assert s1.image_encode_s > 0 and not s1.image_cache_hit
+        assert s2.tokens_reused >= 16 and s2.image_encode_s == 0  # header + image come from the KV cache
+        e.forget_seq0()  # force a re-decode of the image from cached embeddings
+        third, s3 = e.eval_prompt(e.prepare(f"<|user|>\n<__media__>\n{other}<|end|>\n<|assistant|>\n", image))
+        assert s3.image_cache_hit and s3.image_encode_s == 0
+    with Engine(trained.gguf, trained.mmproj, cfg) as fresh:
+        ref, _ = fresh.eval_prompt(fresh.prepare(f"<|user|>\n<__media__>\n{other}<|end|>\n<|assistant|>\n", image))
+    assert np.abs(second.logits - ref.logits).max() < 1e-5
+    assert np.abs(third.logits - ref.logits).max() < 1e-5
+
+
+def test_stream_events_reassemble_into_the_result(reasoner, questions):
+    image, q, _ = questions[2]
+    events = list(reasoner.stream(image, q, strategy="stage", candidates=3, seed=5))
+    result = events[-1].data["result"]
+    assert events[-1].kind == "done"
+    tokens: dict = {}
+    rebuilt = ""
+    for ev in events:
+        if ev.kind == "token":
+            tokens.setdefault((ev.stage, ev.candidate), []).append(ev.text)
+        elif ev.kind == "forced":
+            rebuilt += ev.text
+        elif ev.kind == "stage_chosen":
+            assert "".join(tokens.get((ev.stage, ev.candidate), [])) == ev.text
+            rebuilt += ev.text
+            tokens = {k: v for k, v in tokens.items() if k[0] != ev.stage}
+    rebuilt += "".join(t for (stage, _), ts in tokens.items() if stage == "trailer" for t in ts)
+    assert rebuilt == result.text
+    kinds = {ev.kind for ev in events}
+    assert {"prompt_ready", "stage_started", "token", "candidate_finished", "stage_chosen", "done"} <= kinds
+
+
+def test_stage_search_judges_and_records_everything(reasoner, questions):
+    image, q, _ = questions[0]
+    r = reasoner.ask(image, q, strategy="stage", candidates=4, seed=1)
+    assert [s.unit for s in r.steps][:4] == list(STAGE_NAMES)
+    assert all(len(s.candidates) == 4 for s in r.steps[:4])
+    made = [j for s in r.steps for j in s.judgements]
+    assert all(j.winner in (j.first, j.second) for j in made)
+    doc = json.loads(json.dumps(r.to_json()))
+    assert set(doc["stages"]) == set(STAGE_NAMES) and "answer" in doc
+    assert doc["timings"]["total_s"] > 0 and doc["tokens"]["prompt"] > 0
+    checked = [c.check for s in r.steps if s.unit == "reasoning" for c in s.candidates if c.check is not None]
+    texts = {c.unit_text for s in r.steps if s.unit == "reasoning" for c in s.candidates}
+    assert checked or len(texts) == 1  # identical candidates need no judging
+
+
+def test_seeds_make_runs_reproducible(reasoner, questions):
+    image, q, _ = questions[3]
+    a = reasoner.ask(image, q, strategy="stage", candidates=3, seed=7)
+    b = reasoner.ask(image, q, strategy="stage", candidates=3, seed=7)
+    assert a.text == b.text
+    assert [c.text for s in a.steps for c in s.candidates] == [c.text for s in b.steps for c in s.candidates]
+
+
+@pytest.mark.parametrize(("strategy", "selector"), [("best-of-n", "judge"), ("best-of-n", "vote"),
+                                                   ("stage", "logprob"), ("stage", "vote"), ("sentence", "logprob")])
+def test_other_strategies_and_selectors(reasoner, questions, strategy, selector):
+    image, q, _ = questions[4]
+    r = reasoner.ask(image, q, strategy=strategy, selector=selector, candidates=3, max_answer_tokens=400)
+    assert r.text and r.steps
+    assert all(len(s.candidates) == 3 for s in r.steps if s.unit != "trailer")
+    if selector != "judge":
+        assert not any(s.judgements for s in r.steps)
+
+
+def test_forced_format_for_models_without_stage_metadata(reasoner, questions):
+    image, q, _ = questions[0]
+    r = reasoner.ask(image, q, strategy="greedy", force_format=True, max_stage_tokens=60)
+    assert r.text.startswith("<SUMMARY>")
+    assert [s.forced for s in r.steps[:2]] == ["<SUMMARY>", "\n\n<CAPTION>"]
+
+
+def test_cancellation_and_timeout(reasoner, questions):
+    image, q, _ = questions[0]
+    seen = []
+
+    def cancel_after_tokens():
+        return len(seen) >= 5
+
+    r = reasoner.ask(image, q, strategy="stage", candidates=2, on_event=seen.append, cancel=cancel_after_tokens)
+    assert "cancelled" in r.flags
+    stop = threading.Event()
+    stop.set()
+    assert "cancelled" in reasoner.ask(image, q, strategy="greedy", cancel=stop).flags
+    assert "timeout" in reasoner.ask(image, q, strategy="stage", candidates=4, timeout_s=1e-6).flags
+    # the model is usable after a cancelled run
+    assert reasoner.ask(image, q, strategy="greedy").text
+
+
+def test_threads_are_serialised(reasoner, questions):
+    image, q, _ = questions[5]
+    want = reasoner.ask(image, q, strategy="stage", candidates=2, seed=3).text
+    got = [None] * 3
+
+    def worker(i):
+        got[i] = reasoner.ask(image, q, strategy="stage", candidates=2, seed=3).text
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 3
+
+
+def test_close_frees_and_refuses_further_use(trained, questions):
+    r = api.Reasoner(trained.gguf, trained.mmproj, n_threads=2)
+    r.close()
+    r.close()  # twice is fine
+    with pytest.raises(EngineError, match="closed"):
+        r.ask(questions[0][0], "How many?")
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs: clear errors, never a crash.
+
+
+def test_bad_model_files(trained, tmp_path):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("hello")
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        Engine(not_gguf, trained.mmproj)
+    truncated = tmp_path / "trunc.gguf"
+    truncated.write_bytes(trained.gguf.read_bytes()[: trained.gguf.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        Engine(truncated, trained.mmproj)
+    with pytest.raises(ModelFileError, match="file not found"):
+        Engine(tmp_path / "missing.gguf", trained.mmproj)
+    with pytest.raises(ModelFileError, match="vision projector .* not a text model"):
+        Engine(trained.mmproj, trained.mmproj)
+    with pytest.raises(ModelFileError, match="not a vision projector"):
+        Engine(trained.gguf, trained.gguf)
+
+
+def test_projector_from_another_model_is_refused(trained, make_checkpoint, tmp_path):
+    from llavao1_export.gguf_convert import convert_to_gguf
+
+    other = convert_to_gguf(make_checkpoint("wide", text_width=512, text_heads=4, text_ffn=512), tmp_path, "f16")
+    with pytest.raises(ModelFileError, match="projector output width 512 does not match the text model's width 256"):
+        Engine(trained.gguf, other.mmproj)
+
+
+def test_image_inputs(tmp_path):
+    base = Image.new("RGB", (20, 10), (200, 10, 10))
+    for mode in ("P", "RGBA", "L", "CMYK", "1", "LA", "I;16", "F"):
+        img = load_image(base.convert(mode) if mode != "I;16" else Image.new("I;16", (20, 10), 40000))
+        assert img.mode == "RGB" and img.size == (20, 10)
+    buf = io.BytesIO()
+    base.save(buf, format="PNG")
+    assert load_image(buf.getvalue()).getpixel((0, 0)) == (200, 10, 10)
+    # EXIF orientation 6 (rotate 90) is applied
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpg = tmp_path / "rot.jpg"
+    base.save(jpg, exif=exif.tobytes())
+    assert load_image(jpg).size == (10, 20)
+    with pytest.raises(ImageError, match="file not found"):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(tmp_path / "bad.png")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb)  # 144 M pixels, a few KB on disk
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(bomb)
+
+
+def test_search_config_errors(reasoner, questions):
+    image, q, _ = questions[0]
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        reasoner.ask(image, q, strategy="beam")
+    with pytest.raises(ValueError, match="candidates must be in"):
+        reasoner.ask(image, q, candidates=0)
+    with pytest.raises(ValueError, match="question is empty"):
+        reasoner.ask(image, "  ")
+    with pytest.raises(TypeError, match="unknown search settings: colour"):
+        reasoner.ask(image, q, colour="red")
+
+
+def test_engine_search_without_api(trained, questions):
+    image, q, _ = questions[0]
+    with Engine(trained.gguf, trained.mmproj, EngineConfig(n_threads=2)) as e:
+        kinds = [ev.kind for ev in search_events(e, image, q, SearchConfig(strategy="greedy"))]
+        r = run_search(e, image, q, SearchConfig(strategy="greedy"))
+    assert kinds[0] == "prompt_ready" and kinds[-1] == "done" and r.text
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_run_json(trained, questions, capsys):
+    image, q, _ = questions[0]
+    rc = cli.main(["run", str(image), q, "--model", str(trained.gguf), "--mmproj", str(trained.mmproj),
+                   "--search", "stage", "-n", "2", "--json", "--threads", "2"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["stages"]) == {"summary", "caption", "reasoning", "conclusion"} and "answer" in doc
+
+
+def test_cli_run_text_streams_stages(trained, questions, capsys):
+    image, q, _ = questions[0]
+    assert cli.main(["run", str(image), q, "--model", str(trained.gguf), "--mmproj", str(trained.mmproj),
+                     "-n", "2", "-v", "--threads", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("SUMMARY") and "answer:" in out
+    assert "[summary #0]" in err and "time " in err
+
+
+def test_cli_errors(trained, tmp_path, capsys):
+    assert cli.main(["run", str(tmp_path / "none.png"), "q", "--model", str(trained.gguf),
+                     "--mmproj", str(trained.mmproj)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llavao1-edge: ") and "file not found" in err and err.count("\n") == 1
+    assert cli.main(["run", "x.png", "q", "--model", str(trained.gguf)]) == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "x.png"])
+    assert e.value.code == 2
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    assert cli.main(["info", str(bad)]) == 1
+    assert "corrupt or truncated" in capsys.readouterr().err
+    assert cli.main(["run", "x.png", "q", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["search"]["strategy"] == "stage"
+
+
+def test_runtime_import_stays_light():
+    import subprocess
+
+    code = ("import sys, llavao1_edge, llavao1_edge.cli, llavao1_edge.api, llavao1_edge.search; "
+            "print([m for m in ('torch', 'transformers', 'peft', 'onnx', 'llavao1_train', 'llavao1_export') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
