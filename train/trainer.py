@@ -156,7 +156,27 @@ def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path):
     return model, tokenizer, ispec, None
 
 
+def freeze_unused_vision(model) -> list[str]:
+    """LLaVA reads the tower's hidden states: its post-layernorm and any blocks past the feature
+    layer never get gradients. Freeze them (DDP requires it, and they need no optimizer state)."""
+    tower = model.model.vision_tower
+    n_layers = model.config.vision_config.num_hidden_layers
+    layer = model.config.vision_feature_layer
+    keep = n_layers + 1 + layer if layer < 0 else layer
+    frozen = []
+    for name, p in tower.named_parameters():
+        parts = name.split(".")
+        unused = "post_layernorm" in parts or "head" in parts
+        if "layers" in parts:
+            unused |= int(parts[parts.index("layers") + 1]) >= keep
+        if unused and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def _apply_training_mode(model, cfg: TrainConfig):
+    freeze_unused_vision(model)
     if cfg.init:
         return model  # a model from scratch trains everything
     if cfg.full or not cfg.lora:
@@ -332,7 +352,9 @@ def train(cfg: TrainConfig) -> Path:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        text_only = any(e.image is None for e in examples)  # such batches leave the vision tower unused
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                    find_unused_parameters=text_only)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_step = cfg.batch_size * cfg.grad_accum * world

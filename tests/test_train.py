@@ -1,0 +1,168 @@
+"""Training: the loss mask on a real batch, a short run, DDP with two processes, kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llavao1_edge.records import read_records
+from llavao1_edge.stages import parse_answer
+from llavao1_train.cli import main as train_main
+from llavao1_train.data import IGNORE, ImageSpec, collate, pixels_for, tokenize_record
+from llavao1_train.model import get_spec
+from llavao1_train.shapes import ShapesConfig, write_dataset
+from llavao1_train.tokenizer import EOS
+
+
+@pytest.fixture(scope="module")
+def data64(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "d64"
+    write_dataset(ShapesConfig(n=64, seed=1, kinds=("cot",)), out, progress=False)
+    return out
+
+
+def _spec_image(spec):
+    return ImageSpec(spec.image_size, spec.image_mean, spec.image_std, spec.image_tokens)
+
+
+def test_loss_mask_on_a_real_batch(data64, tiny_tokenizer):
+    spec = get_spec("test-tiny")
+    image_id = tiny_tokenizer.convert_tokens_to_ids("<image>")
+    recs = list(read_records(data64 / "records.jsonl"))[:4]
+    examples = [tokenize_record(tiny_tokenizer, r, _spec_image(spec), 2048, image_id, data64) for r in recs]
+    batch = collate(examples, [pixels_for(e, _spec_image(spec)) for e in examples], tiny_tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    for i, (rec, ex) in enumerate(zip(recs, examples, strict=True)):
+        ids, labels = batch["input_ids"][i], batch["labels"][i]
+        n = len(ex.input_ids)
+        assert (ids == image_id).sum() == spec.image_tokens  # one placeholder expanded to every patch
+        assert (labels[ids == image_id] == IGNORE).all()  # image tokens masked
+        assert (labels[n:] == IGNORE).all() and (batch["attention_mask"][i, n:] == 0).all()  # padding masked
+        trained = tiny_tokenizer.decode([t for t in labels.tolist() if t != IGNORE])
+        assert trained.startswith(rec.answer) and trained.rstrip("\n").endswith(EOS)  # answer + end token only
+        first = next(j for j, t in enumerate(labels.tolist()) if t != IGNORE)
+        prompt = tiny_tokenizer.decode(ids[:first].tolist())
+        assert prompt.endswith("<|assistant|>\n") and rec.question.split("\n")[0] in prompt  # prompt masked
+
+
+def test_short_cpu_run_loss_falls_and_checkpoint_loads(data64, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "run"
+    rc = train_main(["--data", str(data64), "--out", str(out), "--init", "test-tiny", "--max-steps", "20",
+                     "--lr", "2e-3", "--batch-size", "8", "--log-every", "5", "-q", "--device", "cpu"])
+    assert rc == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(e["tokens_per_s"] > 0 for e in log if "loss" in e)
+    model = AutoModelForImageTextToText.from_pretrained(out / "final")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert (out / "final" / "chat_template.jinja").is_file() and (out / "final" / "processor_config.json").is_file()
+
+
+def test_lora_on_a_checkpoint_merges_into_a_plain_model(data64, make_checkpoint, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    src = make_checkpoint("gqa")
+    out = tmp_path / "lora"
+    assert train_main(["--data", str(data64), "--out", str(out), "--model", str(src), "--lora", "--max-steps", "3",
+                       "--lr", "1e-3", "--batch-size", "4", "-q", "--device", "cpu"]) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForImageTextToText.from_pretrained(out / "final")
+    base = AutoModelForImageTextToText.from_pretrained(src)
+    names = dict(merged.named_parameters())
+    assert not any("lora" in n for n in names)
+    changed = [n for n, p in base.named_parameters() if not torch.equal(p, names[n])]
+    assert any("language_model" in n and "q_proj" in n for n in changed)  # LoRA merged into the decoder
+    assert any("multi_modal_projector" in n for n in changed)  # projector trained fully
+    assert not any("vision_tower" in n for n in changed)  # vision untouched
+
+
+def test_bad_data_is_an_error_or_a_counted_skip(data64, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data64, bad)
+    lines = (bad / "records.jsonl").read_text().splitlines()
+    obj = json.loads(lines[3])
+    obj["image"] = "images/missing.png"
+    lines[3] = json.dumps(obj)
+    lines.insert(5, "{not json")
+    (bad / "records.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--data", str(bad), "--out", str(tmp_path / "r"), "--init", "test-tiny", "--max-steps", "2",
+            "--batch-size", "4", "-q", "--device", "cpu"]
+    assert train_main(args) == 1
+    err = capsys.readouterr().err
+    assert "records.jsonl:4: image file not found" in err and err.count("\n") == 1
+    assert train_main(args + ["--skip-bad"]) == 0
+    assert "skipped 2 bad records" in capsys.readouterr().err
+    assert train_main(["--data", str(data64), "--out", str(tmp_path / "long"), "--init", "test-tiny",
+                       "--max-steps", "2", "--max-length", "40", "-q", "--device", "cpu"]) == 1
+    assert "over the limit of 40 (--max-length)" in capsys.readouterr().err
+    assert train_main(["--data", str(data64), "--out", str(tmp_path / "hub"), "--model", "org/some-model",
+                       "-q", "--device", "cpu"]) == 1
+    assert "hub id" in capsys.readouterr().err
+
+
+def _train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "llavao1_train.cli", "--data", str(data), "--out", str(out), "--init", "test-tiny",
+            "--batch-size", "4", "--lr", "1e-3", "-q", "--device", "cpu", *extra]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(data64, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_train_cmd(data64, tmp_path / "ref", "--max-steps", "24"), env=env, capture_output=True,
+                         text=True)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(data64, out, "--max-steps", "24", "--save-every", "4"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-0000008").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()  # killed mid-run
+    assert (out / "checkpoints" / "step-0000008").is_dir()
+    resumed = subprocess.run(_train_cmd(data64, out, "--max-steps", "24", "--save-every", "4", "--resume"),
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print("max |resumed - uninterrupted|", diff)
+    assert diff == 0.0
+
+
+def test_refuses_to_mix_runs(data64, tmp_path):
+    out = tmp_path / "r"
+    assert train_main(["--data", str(data64), "--out", str(out), "--init", "test-tiny", "--max-steps", "2",
+                       "--save-every", "1", "-q", "--device", "cpu"]) == 0
+    assert train_main(["--data", str(data64), "--out", str(out), "--init", "test-tiny", "--max-steps", "2",
+                       "-q", "--device", "cpu"]) == 1
+
+
+def test_ddp_two_processes_keep_identical_weights(data64, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "llavao1_train.cli", "--data", str(data64), "--out", str(out), "--init", "test-tiny",
+           "--max-steps", "4", "--batch-size", "2", "--lr", "1e-3", "-q", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    final = [e for e in log if "replica_checksums" in e][-1]
+    assert len(final["replica_checksums"]) == 2 and final["replicas_identical"] is True
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["world_size"] == 2
+    assert parse_answer("<SUMMARY>x</SUMMARY>").stages  # the run folder is a normal run folder
+    assert (out / "final" / "model.safetensors").is_file()
