@@ -177,6 +177,7 @@ class Engine:
             self.close()
             raise
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> embeddings
+        self._pieces: dict[int, bytes] = {}
         self._seq0_keys: list = []  # what sequence 0 holds, one key per KV cell, for prefix reuse
         self._seq0_pos = 0
         self._seq0_logits: np.ndarray | None = None
@@ -248,7 +249,13 @@ class Engine:
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
-        """The bytes of one token as text (special tokens rendered)."""
+        """The bytes of one token as text (special tokens rendered); cached per token id."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._pieces[token] = self._piece(token)
+        return cached
+
+    def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = self._L.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
         if n < 0:
@@ -468,7 +475,12 @@ class Engine:
         if rc != 0:
             raise EngineError(f"llama_decode failed (code {rc}): the KV cache (n_ctx={self.config.n_ctx}) "
                               "is probably full; raise n_ctx or lower the candidates / token budgets")
-        return [self._logits(i) for i, r in enumerate(rows) if r[3]]
+        n_out = sum(1 for r in rows if r[3])
+        if n_out == 0:
+            return []
+        # Outputs are stored contiguously in batch order: one copy for the whole batch.
+        block = np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab)).copy()
+        return list(block)
 
     def decode_tokens(self, seq: int, tokens: list[int], pos: int) -> np.ndarray:
         """Append tokens to one sequence from position `pos`; logits after the last one."""

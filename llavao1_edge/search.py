@@ -497,6 +497,7 @@ class _Search:
         self.timings["judge_s"] = sum(s.judge_s for s in self.steps)
         for s in self.steps:
             self.timings[f"{s.unit}_decode_s"] = self.timings.get(f"{s.unit}_decode_s", 0.0) + s.decode_s
+            self.timings[f"{s.unit}_judge_s"] = self.timings.get(f"{s.unit}_judge_s", 0.0) + s.judge_s
         parsed = parse_answer(self.text)
         tokens = dict(self.tokens)
         tokens["answer"] = sum(len(s.candidates[s.chosen].tokens) for s in self.steps)

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels (default %(default)s)")
     s.add_argument("--mc-fraction", type=float, default=d.mc_fraction,
                    help="share of multiple-choice questions in jsonl output (default %(default)s)")
+    s.add_argument("--judge-fraction", type=float, default=d.judge_fraction,
+                   help="share of questions that also get judge examples (default %(default)s)")
     s.add_argument("--families", type=_csv, default=d.families,
                    help=f"question families, comma list (default all: {','.join(FAMILIES)})")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _shapes(args: argparse.Namespace) -> int:
     kinds = args.kinds if args.kinds is not None else (("cot",) if args.split == "eval" else KINDS)
     cfg = ShapesConfig(n=args.n, seed=args.seed, split=args.split, kinds=kinds, image_size=args.image_size,
-                       mc_fraction=args.mc_fraction, families=args.families, format=args.format)
+                       mc_fraction=args.mc_fraction, judge_fraction=args.judge_fraction, families=args.families,
+                       format=args.format)
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))
         return 0

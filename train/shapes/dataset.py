@@ -34,6 +34,7 @@ class ShapesConfig:
     kinds: tuple[str, ...] = ("cot", "direct", "judge")  # which records to write per question
     image_size: int = 128  # pixels, square
     mc_fraction: float = 0.5  # share of multiple-choice questions (A-D) in jsonl output
+    judge_fraction: float = 1.0  # share of questions that also get judge examples (kind "judge")
     families: tuple[str, ...] = field(default=FAMILIES)
     format: str = "jsonl"  # "tsv" writes a VLMEvalKit multiple-choice file
 
@@ -54,8 +55,9 @@ class ShapesConfig:
             raise ValueError(f"unknown question families {bad}; known: {', '.join(FAMILIES)}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be in 32..1024, got {self.image_size}")
-        if not 0.0 <= self.mc_fraction <= 1.0:
-            raise ValueError(f"mc_fraction must be in [0, 1], got {self.mc_fraction}")
+        for name in ("mc_fraction", "judge_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -93,8 +95,8 @@ def _records_for(ex: Example, cfg: ShapesConfig, image: str) -> list[Record]:
     if "direct" in cfg.kinds:
         out.append(Record(f"{base}-direct", image, [Turn("human", human), Turn("gpt", q.answer)],
                           {**meta, "kind": "direct"}))
-    if "judge" in cfg.kinds:
-        rng = random.Random(f"shapes-judge:{cfg.split}:{cfg.seed}:{ex.index}")
+    rng = random.Random(f"shapes-judge:{cfg.split}:{cfg.seed}:{ex.index}")
+    if "judge" in cfg.kinds and rng.random() < cfg.judge_fraction:
         for j, je in enumerate(judge_examples(q, ex.scene, rng)):
             prompt = f"{IMAGE_TOKEN}\n{je.prompt}" if je.uses_image else je.prompt
             out.append(Record(f"{base}-judge{j}-{je.unit}", image if je.uses_image else None,

@@ -1,0 +1,82 @@
+"""Exact-match accuracy of the CONCLUSION, overall and per category, with a 95% interval."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llavao1_edge.answers import is_correct
+from llavao1_edge.stages import parse_answer
+
+from .common import BenchItem, wilson_interval
+
+
+@dataclass
+class Answer:
+    text: str  # the model's whole answer
+    seconds: float
+    timings: dict = field(default_factory=dict)
+
+
+def extract_prediction(text: str) -> str:
+    """CONCLUSION text when the answer has one, else the whole answer (direct-answer models)."""
+    parsed = parse_answer(text)
+    return parsed.conclusion if parsed.conclusion is not None else text.strip()
+
+
+@dataclass
+class AccuracyReport:
+    n: int
+    correct: int
+    by_category: dict[str, dict]
+    failures: list[dict]
+    seconds: float
+    mean_answer_s: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def to_json(self) -> dict:
+        lo, hi = wilson_interval(self.correct, self.n)
+        return {"accuracy": self.accuracy, "ci95": [lo, hi], "n": self.n, "correct": self.correct,
+                "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
+                "mean_answer_s": self.mean_answer_s}
+
+    def table(self, max_failures: int = 10) -> str:
+        lo, hi = wilson_interval(self.correct, self.n)
+        lines = [f"accuracy {self.accuracy:.3f} ({self.correct}/{self.n}), 95% CI [{lo:.3f}, {hi:.3f}], "
+                 f"{self.mean_answer_s:.2f} s per question"]
+        for cat, d in sorted(self.by_category.items()):
+            lines.append(f"  {cat:<20} {d['accuracy']:.3f} ({d['correct']}/{d['n']}) CI [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]")
+        if self.failures:
+            lines.append(f"failures ({len(self.failures)}, first {min(max_failures, len(self.failures))}):")
+            for f in self.failures[:max_failures]:
+                q = f["question"].splitlines()[0][:70]
+                lines.append(f"  [{f['id']}] {q} | expected {f['expected']!r} got {f['got']!r}")
+        return "\n".join(lines)
+
+
+def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], progress: bool | None = None) -> AccuracyReport:
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    cats: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    failures, correct, spent = [], 0, 0.0
+    for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
+        ans = answer(item)
+        spent += ans.seconds
+        got = extract_prediction(ans.text)
+        ok = is_correct(got, item.reference, item.choices)
+        correct += ok
+        cats[item.category][0] += ok
+        cats[item.category][1] += 1
+        if not ok:
+            failures.append({"id": item.id, "category": item.category, "question": item.question,
+                             "expected": item.reference, "got": got})
+    by_cat = {c: {"accuracy": k / n, "correct": k, "n": n, "ci95": list(wilson_interval(k, n))}
+              for c, (k, n) in cats.items()}
+    return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
+                          spent / max(1, len(items)))

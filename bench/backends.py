@@ -1,0 +1,103 @@
+"""Ways to answer a BenchItem: GGUF through the runtime (any search), ONNX or transformers (greedy)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from llavao1_edge.images import load_image, preprocess
+from llavao1_edge.prompting import render_user_turn
+from llavao1_edge.search import SearchConfig
+
+from .accuracy import Answer
+from .common import BenchItem
+
+
+class GGUFBackend:
+    name = "gguf"
+
+    def __init__(self, model: str, mmproj: str, threads: int = 0, n_ctx: int = 4096):
+        from llavao1_edge.api import Reasoner
+
+        self.model, self.mmproj = model, mmproj
+        self.reasoner = Reasoner(model, mmproj, n_threads=threads, n_ctx=n_ctx, n_seq_max=17)
+
+    def answer(self, item: BenchItem, cfg: SearchConfig) -> Answer:
+        t0 = time.perf_counter()
+        res = self.reasoner.ask(item.image, item.question, cfg)
+        return Answer(res.text, time.perf_counter() - t0, {**res.timings, "tokens": res.tokens, "flags": res.flags})
+
+    def close(self) -> None:
+        self.reasoner.close()
+
+
+def _prompt_ids(tokenizer, template: str | None, question: str, image_token_id: int, n_image_tokens: int) -> list[int]:
+    text = render_user_turn(template, f"<image>\n{question}")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    at = ids.index(image_token_id)
+    return ids[:at] + [image_token_id] * n_image_tokens + ids[at + 1:]
+
+
+def _image_bytes(item: BenchItem):
+    return load_image(item.image)
+
+
+class OnnxBackend:
+    """Greedy decoding over onnxruntime sessions (export's numpy loop)."""
+
+    name = "onnx"
+
+    def __init__(self, folder: str | Path, threads: int = 0, max_new_tokens: int = 512):
+        from llavao1_export.onnx_export import OnnxLlava
+        from transformers import AutoTokenizer
+
+        self.runner = OnnxLlava(folder, threads)
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.meta, self.max_new = self.runner.meta, max_new_tokens
+
+    def answer(self, item: BenchItem, cfg: SearchConfig | None = None) -> Answer:
+        t0 = time.perf_counter()
+        ids = _prompt_ids(self.tok, self.tok.chat_template, item.question, self.meta["image_token_id"],
+                          self.meta["n_image_tokens"])
+        px = preprocess(_image_bytes(item), self.meta["image_size"], self.meta["image_mean"], self.meta["image_std"])
+        out = self.runner.generate(ids, px, self.max_new)
+        text = self.tok.decode(out, skip_special_tokens=False).split(self.tok.eos_token)[0]
+        return Answer(text, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        pass
+
+
+class HFBackend:
+    """The transformers model in fp32, greedy: the unquantized reference row."""
+
+    name = "transformers"
+
+    def __init__(self, folder: str | Path, threads: int = 0, max_new_tokens: int = 512):
+        import torch
+        from llavao1_export.verify import Reference
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.ref = Reference(folder)
+        self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.max_new = max_new_tokens
+
+    def answer(self, item: BenchItem, cfg: SearchConfig | None = None) -> Answer:
+        torch, ref = self.torch, self.ref
+        t0 = time.perf_counter()
+        ids = _prompt_ids(self.tok, ref.ckpt.chat_template, item.question, self.model.config.image_token_id,
+                          ref.n_image_tokens)
+        px = torch.from_numpy(preprocess(_image_bytes(item), ref.image_size, ref.mean, ref.std))[None]
+        with torch.no_grad():
+            out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      pixel_values=px, max_new_tokens=self.max_new, do_sample=False,
+                                      eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id or 0)
+        text = self.tok.decode(out[0, len(ids):], skip_special_tokens=False).split(self.tok.eos_token)[0]
+        return Answer(text, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        pass

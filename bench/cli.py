@@ -1,0 +1,149 @@
+"""`llavao1-bench`: latency, accuracy and quantization x search sweeps.
+
+examples:
+  llavao1-bench latency --search stage:4 --compare-reference
+  llavao1-bench accuracy --data eval/records.jsonl --search greedy --limit 200
+  llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
+  llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
+      --quants F16,Q8_0,Q4_K_M --search greedy,stage:2 --limit 100 --out sweep/
+
+Without --model / --gguf / --hf the model the package ships is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llavao1_edge.extras import require_extra
+
+
+def _csv(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llavao1-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", help="text model GGUF (default: the shipped model)")
+        sp.add_argument("--mmproj", help="its projector GGUF")
+        sp.add_argument("--threads", type=int, default=0)
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    lat = sub.add_parser("latency", help="time questions: encode, prefill, decode, first token, total, memory")
+    model_args(lat)
+    lat.add_argument("--data", help="questions (.jsonl or .tsv); default: the shipped example questions")
+    lat.add_argument("--search", default="greedy", help="greedy | stage:N | best-of-n:N | sentence:N [:selector]")
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--limit", type=int, default=5, help="questions to time (default %(default)s)")
+    lat.add_argument("--compare-reference", action="store_true",
+                     help="also time the paper-style implementation (every call re-evaluates prompt and image)")
+
+    acc = sub.add_parser("accuracy", help="exact match of the CONCLUSION, per category, with a 95%% interval")
+    model_args(acc)
+    acc.add_argument("--data", required=True, help="LLaVA-CoT .jsonl or VLMEvalKit .tsv")
+    acc.add_argument("--search", default="greedy")
+    acc.add_argument("--limit", type=int)
+
+    sw = sub.add_parser("sweep", help="accuracy and latency over quantization types x search settings")
+    sw.add_argument("--data", required=True)
+    sw.add_argument("--gguf", help="F16/F32 text GGUF to quantize from")
+    sw.add_argument("--mmproj", help="its projector GGUF")
+    sw.add_argument("--hf", help="or a Hugging Face checkpoint (adds ONNX and transformers rows)")
+    sw.add_argument("--quants", type=_csv, default=("F16", "Q8_0", "Q4_K_M"))
+    sw.add_argument("--mmproj-quants", type=_csv, default=("F16",))
+    sw.add_argument("--search", type=_csv, default=("greedy", "stage:2"))
+    sw.add_argument("--onnx-quants", type=_csv, default=("none", "int8", "int4"), help="with --hf")
+    sw.add_argument("--limit", type=int)
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--threads", type=int, default=0)
+    sw.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _model_paths(args) -> tuple[str, str]:
+    from llavao1_edge.api import shipped_model_paths
+
+    from .common import check_model_files
+
+    if args.model or args.mmproj:
+        check_model_files(args.model, args.mmproj)
+        return args.model, args.mmproj
+    text, proj = shipped_model_paths()
+    return str(text), str(proj)
+
+
+def _default_questions(limit: int):
+    from llavao1_edge.api import MODELS_DIR
+
+    from .common import BenchError, load_items
+
+    examples = MODELS_DIR.parent / "examples" / "questions.jsonl"
+    if not examples.is_file():
+        raise BenchError("no --data given and no shipped example questions found")
+    return load_items(examples, limit)
+
+
+def _run(args) -> int:
+    from .common import BenchError, load_items, parse_search
+
+    progress = False if getattr(args, "quiet", False) else None
+    if args.command == "sweep":
+        from .sweep import SweepConfig, run_sweep
+
+        cfg = SweepConfig(args.data, args.out, args.gguf, args.mmproj, args.hf, args.quants, args.mmproj_quants,
+                          args.search, args.onnx_quants, args.limit, args.threads, progress)
+        res = run_sweep(cfg, log=lambda s: print(s, file=sys.stderr))
+        print(f"wrote {args.out}/results.csv, results.json, report.md and plots ({len(res['cells'])} cells)")
+        return 0
+    cfg = parse_search(args.search)
+    model, mmproj = _model_paths(args)
+    items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit or 5)
+    from .backends import GGUFBackend
+
+    backend = GGUFBackend(model, mmproj, args.threads)
+    try:
+        if args.command == "latency":
+            from .latency import run_latency
+
+            if args.compare_reference and cfg.strategy != "stage":
+                raise BenchError("--compare-reference compares stage search; use --search stage:N")
+            report = run_latency(backend, items, cfg, args.repeats, args.compare_reference, args.search, progress)
+        else:
+            from .accuracy import run_accuracy
+
+            report = run_accuracy(items, lambda it: backend.answer(it, cfg), progress)
+    finally:
+        backend.close()
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "sweep":
+        require_extra("llavao1-bench", "bench", ("matplotlib",))
+    from llavao1_edge.api import ModelNotFound
+    from llavao1_edge.images import ImageError
+    from llavao1_edge.modelfile import ModelFileError
+    from llavao1_edge.records import RecordError
+
+    from .common import BenchError
+
+    try:
+        return _run(args)
+    except (BenchError, RecordError, ModelFileError, ModelNotFound, ImageError, ValueError, OSError) as e:
+        print(f"llavao1-bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llavao1-bench: interrupted (a sweep continues where it stopped when run again)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

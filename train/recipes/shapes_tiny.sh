@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Reproduce the shipped shapes-tiny model from nothing: data -> training -> GGUF -> verify -> quantize.
+#
+#   bash train/recipes/shapes_tiny.sh [RUN_DIR] [structured|direct]
+#
+# structured (default): the four-stage model with judge examples (the one the package ships).
+# direct: the same questions answered without stages, for the structured-vs-direct comparison.
+# A killed run continues where it stopped when started again (llavao1-train --resume).
+set -euo pipefail
+RUN=${1:-runs/shapes-tiny}
+VARIANT=${2:-structured}
+N=${SHAPES_N:-9000}            # training questions (one image each)
+EPOCHS=${SHAPES_EPOCHS:-2}
+SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
+mkdir -p "$RUN"
+if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
+DATA="$RUN/data/train-$VARIANT"
+[ -f "$DATA/records.jsonl" ] || llavao1-data shapes --out "$DATA" --n "$N" --seed "$SEED" --kinds "$KINDS" \
+    --judge-fraction 0.25
+[ -f "$RUN/data/val/records.jsonl" ] || llavao1-data shapes --out "$RUN/data/val" --n 200 --seed 5001 --split eval
+TRAIN="$RUN/train-$VARIANT"
+RESUME=""
+[ -d "$TRAIN/checkpoints" ] && RESUME=--resume
+[ -f "$TRAIN/final/model.safetensors" ] || llavao1-train --data "$DATA" --out "$TRAIN" --init shapes-tiny \
+    --lr 1e-3 --epochs "$EPOCHS" --batch-size 8 --max-length 1024 --save-every 250 --log-every 25 \
+    --eval-data "$RUN/data/val" --eval-every 2000 --eval-limit 40 --seed 0 $RESUME
+GGUF="$RUN/gguf-$VARIANT"
+llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f32
+llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f16
+llavao1-export verify --model "$TRAIN/final" --gguf "$GGUF/final-f32.gguf" --mmproj "$GGUF/mmproj-final-f32.gguf" \
+    | tee "$GGUF/verify.txt"
+for q in Q8_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K; do
+    llavao1-export quantize "$GGUF/final-f16.gguf" "$GGUF/final-$q.gguf" --type "$q"
+done
+llavao1-export quantize "$GGUF/mmproj-final-f16.gguf" "$GGUF/mmproj-final-Q8_0.gguf" --type Q8_0
+echo "done: $GGUF"
