@@ -172,12 +172,12 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
     jobs = []
     for q in plan.quants:
         for mq in plan.mmproj_quants:
-            for label, scfg in plan.searches.items():
-                jobs.append(("gguf", q, mq, label, scfg))
+            for scfg in plan.searches.values():
+                jobs.append(("gguf", q, mq, scfg))
     if cfg.hf:
-        jobs += [("onnx", {"none": "fp32"}.get(q, q), None, "greedy", parse_search("greedy")) for q in cfg.onnx_quants]
-        jobs.append(("transformers", "fp32", None, "greedy", parse_search("greedy")))
-    for backend_name, q, mq, label, scfg in jobs:
+        jobs += [("onnx", {"none": "fp32"}.get(q, q), None, parse_search("greedy")) for q in cfg.onnx_quants]
+        jobs.append(("transformers", "fp32", None, parse_search("greedy")))
+    for backend_name, q, mq, scfg in jobs:
         cell = f"{backend_name}|{q}|{mq or '-'}|{search_label(scfg)}"
         if cell in done:
             log(f"skip {cell} (done)")
@@ -206,11 +206,11 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
 
             backend = HFBackend(cfg.hf, cfg.threads)
             files = list(Path(cfg.hf).glob("*.safetensors"))
-        answers = []
+        answers: list = []
 
-        def answer(item, _b=backend, _c=scfg):
+        def answer(item, _b=backend, _c=scfg, _sink=answers):
             a = _b.answer(item, _c)
-            answers.append(a)
+            _sink.append(a)
             return a
 
         acc = run_accuracy(plan.items, answer, cfg.progress)
