@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from llavao1_edge.extras import require_extra
+from llavao1_edge.extras import require_extra, run_guarded
 
 
 def _csv(s: str) -> tuple[str, ...]:
@@ -135,14 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .common import BenchError
 
-    try:
-        return _run(args)
-    except (BenchError, RecordError, ModelFileError, ModelNotFound, ImageError, ValueError, OSError) as e:
-        print(f"llavao1-bench: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("llavao1-bench: interrupted (a sweep continues where it stopped when run again)", file=sys.stderr)
-        return 130
+    return run_guarded("llavao1-bench", lambda: _run(args),
+                       (BenchError, RecordError, ModelFileError, ModelNotFound, ImageError, ValueError, OSError),
+                       "interrupted (a sweep continues where it stopped when run again)")
 
 
 if __name__ == "__main__":

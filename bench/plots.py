@@ -21,6 +21,15 @@ def _label(row: dict) -> str:
         f" {row['search']}"
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def write_plots(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -63,10 +72,7 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
     ax.set_title("Accuracy against latency (dashed: Pareto front, labelled)")
     ax.grid(alpha=0.3)
     legends(ax)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_latency.png")
-    fig.savefig(paths[-1], dpi=130)
-    plt.close(fig)
+    paths.append(_save(fig, out / "accuracy_vs_latency.png"))
 
     fig, ax = plt.subplots(figsize=(9.5, 5.5))
     for r in rows:
@@ -77,10 +83,7 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
     ax.set_title("Accuracy against file size")
     ax.grid(alpha=0.3)
     legends(ax)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_size.png")
-    fig.savefig(paths[-1], dpi=130)
-    plt.close(fig)
+    paths.append(_save(fig, out / "accuracy_vs_size.png"))
 
     staged = [r for r in rows if r.get("stage_s")]
     if staged:
@@ -94,8 +97,5 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("mean seconds per question")
         ax.set_title("Time per stage (decode), judging, and the rest")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "time_per_stage.png")
-        fig.savefig(paths[-1], dpi=130)
-        plt.close(fig)
+        paths.append(_save(fig, out / "time_per_stage.png"))
     return paths

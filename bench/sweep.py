@@ -13,6 +13,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llavao1_edge.records import atomic_text_file
 from llavao1_edge.search import SearchConfig
 
 from .accuracy import run_accuracy
@@ -112,9 +113,8 @@ def validate(cfg: SweepConfig) -> Plan:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_text_file(path) as f:
+        f.write(text)
 
 
 def _prepare_models(cfg: SweepConfig, plan: Plan, log) -> tuple[Path, Path]:
@@ -239,12 +239,11 @@ def _types(path: Path) -> dict:
 
 
 def write_outputs(rows: list[dict], out: Path) -> None:
-    with open(out / ".results.csv.tmp", "w", newline="") as f:
+    with atomic_text_file(out / "results.csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    os.replace(out / ".results.csv.tmp", out / "results.csv")
     plots = write_plots(rows, out)
     _atomic_write(out / "report.md", render_report(rows, plots))
 

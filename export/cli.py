@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from llavao1_edge.extras import require_extra
+from llavao1_edge.extras import require_extra, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,14 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import ExportError
 
-    try:
-        return _run(args)
-    except (ExportError, ModelFileError, ValueError, OSError) as e:
-        print(f"llavao1-export: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("llavao1-export: interrupted; nothing was left under the final name", file=sys.stderr)
-        return 130
+    return run_guarded("llavao1-export", lambda: _run(args), (ExportError, ModelFileError, ValueError, OSError),
+                       "interrupted; nothing was left under the final name")
 
 
 if __name__ == "__main__":

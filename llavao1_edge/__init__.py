@@ -4,6 +4,9 @@ Importing this package is light: no torch, no transformers, and llama.cpp loads 
 model is opened.
 """
 
+from .api import Reasoner, shipped_model_paths
+from .engine import EngineConfig
+from .search import SearchConfig, SearchResult
 from .stages import (
     STAGE_NAMES,
     STAGES,
@@ -16,6 +19,6 @@ from .stages import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "STAGES", "STAGE_NAMES", "ParsedAnswer", "StageStreamParser", "__version__", "parse_answer",
-    "render_answer",
+    "STAGES", "STAGE_NAMES", "EngineConfig", "ParsedAnswer", "Reasoner", "SearchConfig", "SearchResult",
+    "StageStreamParser", "__version__", "parse_answer", "render_answer", "shipped_model_paths",
 ]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .engine import Engine, EngineConfig
 from .images import ImageSource
-from .search import Event, SearchConfig, SearchResult, search_events
+from .search import Event, SearchConfig, SearchResult, run_search, search_events
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = "shapes-tiny"
@@ -67,14 +67,9 @@ class Reasoner:
             on_event: Callable[[Event], None] | None = None,
             cancel: threading.Event | Callable[[], bool] | None = None, **settings) -> SearchResult:
         """Answer one question about one image (or none). Settings override SearchConfig fields."""
-        result = None
-        for ev in self.stream(image, question, config, cancel=cancel, **settings):
-            if on_event is not None:
-                on_event(ev)
-            if ev.kind == "done":
-                result = ev.data["result"]
-        assert result is not None
-        return result
+        cfg = _search_config(config, settings)
+        with self._lock:
+            return run_search(self.engine, image, question, cfg, on_event, cancel)
 
     def stream(self, image: ImageSource | None, question: str, config: SearchConfig | None = None, *,
                cancel: threading.Event | Callable[[], bool] | None = None, **settings) -> Iterator[Event]:

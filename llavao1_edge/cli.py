@@ -17,7 +17,7 @@ from dataclasses import asdict
 from .search import SELECTORS, STRATEGIES, SearchConfig
 from .stages import STAGE_BY_NAME
 
-EXIT_BAD_INPUT, EXIT_USAGE = 1, 2
+EXIT_USAGE = 2  # user mistakes exit with 1 (run_guarded)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,18 +151,13 @@ def _info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .api import ModelNotFound
     from .engine import EngineError
+    from .extras import run_guarded
     from .images import ImageError
     from .modelfile import ModelFileError
 
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args) if args.command == "run" else _info(args)
-    except (ModelFileError, ImageError, ModelNotFound, EngineError, ValueError, OSError) as e:
-        print(f"llavao1-edge: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("\nllavao1-edge: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded("llavao1-edge", lambda: _run(args) if args.command == "run" else _info(args),
+                       (ModelFileError, ImageError, ModelNotFound, EngineError, ValueError, OSError))
 
 
 if __name__ == "__main__":

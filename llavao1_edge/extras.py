@@ -17,3 +17,15 @@ def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
         print(f"{command}: needs the '{extra}' extra (missing: {', '.join(missing)}); "
               f"install it with: pip install 'llavao1-edge[{extra}]'", file=sys.stderr)
         raise SystemExit(2)
+
+
+def run_guarded(prog: str, func, errors: tuple[type[BaseException], ...], interrupted: str = "interrupted") -> int:
+    """Run a command body: a user mistake (one of `errors`) is one line on stderr and exit code 1."""
+    try:
+        return func()
+    except errors as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,26 +160,27 @@ def read_records(path: str | os.PathLike, root: str | os.PathLike | None = None,
             yield record_from_json(obj, path, lineno, root, check_images)
 
 
-def _atomic_writer(path: Path, newline: str | None = None):
+@contextmanager
+def atomic_text_file(path: str | os.PathLike, newline: str | None = None):
+    """Write to a temporary name beside `path`; rename over it only when the block succeeds."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    return tmp, open(tmp, "w", encoding="utf-8", newline=newline)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     """Write records as JSONL atomically; returns the number written."""
-    path = Path(path)
-    tmp, f = _atomic_writer(path)
     n = 0
-    try:
-        with f:
-            for rec in records:
-                f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_text_file(path) as f:
+        for rec in records:
+            f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 
@@ -255,20 +257,13 @@ def read_tsv(path: str | os.PathLike) -> Iterator[MCQuestion]:
 
 def write_tsv(path: str | os.PathLike, rows: Iterable[MCQuestion]) -> int:
     """Write rows as a VLMEvalKit TSV atomically; returns the number written."""
-    path = Path(path)
-    tmp, f = _atomic_writer(path, newline="")
     cols = ["index", "question", "hint", *TSV_OPTIONS, "answer", "category", "image"]
     n = 0
-    try:
-        with f:
-            w = csv.writer(f, delimiter="\t", lineterminator="\n")
-            w.writerow(cols)
-            for q in rows:
-                w.writerow([q.index, q.question, q.hint, *(q.options.get(k, "") for k in TSV_OPTIONS),
-                            q.answer, q.category, base64.b64encode(q.image).decode("ascii")])
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_text_file(path, newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(cols)
+        for q in rows:
+            w.writerow([q.index, q.question, q.hint, *(q.options.get(k, "") for k in TSV_OPTIONS),
+                        q.answer, q.category, base64.b64encode(q.image).decode("ascii")])
+            n += 1
     return n

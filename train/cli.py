@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from llavao1_edge.extras import require_extra
+from llavao1_edge.extras import require_extra, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,16 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from llavao1_edge.records import RecordError
 
-    try:
-        final = train(cfg)
-    except (TrainError, RecordError, ValueError, OSError) as e:
-        print(f"llavao1-train: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("llavao1-train: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
-        return 130
-    print(f"wrote {final}")
-    return 0
+    def body() -> int:
+        print(f"wrote {train(cfg)}")
+        return 0
+
+    return run_guarded("llavao1-train", body, (TrainError, RecordError, ValueError, OSError),
+                       "interrupted (the last checkpoint is kept; continue with --resume)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 
+from llavao1_edge.extras import run_guarded
 from llavao1_edge.records import RecordError, read_records, read_tsv
 from llavao1_edge.stages import parse_answer
 
@@ -115,14 +116,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _shapes(args) if args.command == "shapes" else _validate(args)
-    except (RecordError, ValueError, OSError) as e:
-        print(f"llavao1-data: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("llavao1-data: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return run_guarded("llavao1-data", lambda: _shapes(args) if args.command == "shapes" else _validate(args),
+                       (RecordError, ValueError, OSError), "interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""Bench commands on the tiny trained model: accuracy (JSONL and TSV), latency, paper baseline, sweep."""
+
+import json
+
+import pytest
+from llavao1_bench.cli import main as bench_main
+from llavao1_bench.common import BenchError, load_items, parse_search, wilson_interval
+from llavao1_bench.paper_search import PaperStyleSearch
+from llavao1_bench.plots import pareto_front
+from llavao1_train.shapes import ShapesConfig, write_dataset
+
+from llavao1_edge.api import Reasoner
+from llavao1_edge.search import SearchConfig
+
+
+def _model_args(trained):
+    return ["--model", str(trained.gguf), "--mmproj", str(trained.mmproj), "--threads", "2", "-q"]
+
+
+def test_accuracy_on_jsonl(trained, capsys):
+    assert bench_main(["accuracy", *_model_args(trained), "--data", str(trained.data / "records.jsonl"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert 0.0 <= doc["accuracy"] <= 1.0 and doc["n"] == 12
+    assert doc["accuracy"] >= 0.5  # the model memorised these questions
+    lo, hi = doc["ci95"]
+    assert lo <= doc["accuracy"] <= hi
+    assert set(doc["by_category"]) == {"count_color", "attribute", "compare"}
+    assert all({"question", "expected", "got"} <= set(f) for f in doc["failures"])
+
+
+def test_accuracy_on_vlmevalkit_tsv(trained, tmp_path, capsys):
+    path = write_dataset(ShapesConfig(n=6, seed=7, split="eval", kinds=("cot",), format="tsv",
+                                      families=("count_color", "attribute", "compare")), tmp_path / "tsv", progress=False)
+    assert bench_main(["accuracy", *_model_args(trained), "--data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("accuracy ") and "95% CI" in out
+
+
+def test_latency_with_reference(trained, capsys):
+    assert bench_main(["latency", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
+                       "--search", "stage:2", "--limit", "2", "--repeats", "1", "--compare-reference", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for key in ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "total_s", "cached_ttft_s"):
+        assert doc[key]["median"] > 0, key
+    assert doc["n_runs"] == 2 and doc["peak_rss_mb"] > 0
+    assert doc["speedup_vs_reference"] > 1.0  # sharing the prefix beats re-evaluating everything
+
+
+def test_paper_style_baseline_call_count(trained):
+    rec = load_items(trained.data / "records.jsonl", 1)[0]
+    with Reasoner(trained.gguf, trained.mmproj, n_threads=2) as r:
+        res = PaperStyleSearch(r.engine, SearchConfig(candidates=2)).run(rec.image, rec.question)
+    # 2 candidates x 4 stages + 1 judgement per stage + 2 reasoning checks: the reference's ~14 calls
+    assert res.calls == 14
+    assert res.text
+
+
+def test_sweep_writes_everything_and_resumes(trained, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--data", str(trained.data / "records.jsonl"), "--gguf", str(trained.gguf), "--mmproj",
+            str(trained.mmproj), "--quants", "F16,Q4_K_M", "--mmproj-quants", "F16", "--search", "greedy,stage:2",
+            "--limit", "3", "--out", str(out), "--threads", "2", "-q"]
+    assert bench_main(args) == 0
+    for name in ("results.csv", "results.json", "report.md", "accuracy_vs_latency.png", "accuracy_vs_size.png",
+                 "time_per_stage.png"):
+        assert (out / name).is_file(), name
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert len(cells) == 4
+    row = next(iter(cells.values()))
+    for key in ("commit", "model_sha256", "quant_types", "search_config", "threads", "cpu", "versions", "date"):
+        assert row[key], key
+    report = (out / "report.md").read_text()
+    assert "| gguf | Q4_K_M | F16 | stage:2 |" in report and "![accuracy_vs_latency]" in report
+    capsys.readouterr()
+    assert bench_main(args) == 0
+    assert capsys.readouterr().err.count("(done)") == 4  # finished cells are skipped
+
+
+def test_sweep_validates_before_work(trained, tmp_path, capsys):
+    bad_tsv = tmp_path / "b.tsv"
+    bad_tsv.write_text("index\tquestion\n0\tq\n")
+    rc = bench_main(["sweep", "--data", str(bad_tsv), "--gguf", str(trained.gguf), "--mmproj", str(trained.mmproj),
+                     "--quants", "F16,Q9_X", "--search", "greedy,beam:2", "--out", str(tmp_path / "o")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "missing column" in err and "Q9_X" in err and "beam:2" in err
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_search_specs_and_stats():
+    assert parse_search("stage:4").candidates == 4
+    assert parse_search("best-of-n:3:vote").selector == "vote"
+    assert parse_search("greedy").strategy == "greedy"
+    with pytest.raises(BenchError):
+        parse_search("stage:x")
+    lo, hi = wilson_interval(45, 50)
+    assert 0.78 < lo < 0.9 < hi < 0.97
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert pareto_front([(1, 0.5), (2, 0.9), (3, 0.8), (0.5, 0.4)]) == [3, 0, 1]
