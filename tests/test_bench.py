@@ -97,3 +97,15 @@ def test_search_specs_and_stats():
     assert 0.78 < lo < 0.9 < hi < 0.97
     assert wilson_interval(0, 10)[0] == 0.0
     assert pareto_front([(1, 0.5), (2, 0.9), (3, 0.8), (0.5, 0.4)]) == [3, 0, 1]
+
+
+def test_sweep_with_hf_adds_onnx_and_transformers_rows(trained, tmp_path):
+    out = tmp_path / "hf"
+    assert bench_main(["sweep", "--data", str(trained.data / "records.jsonl"), "--hf", str(trained.hf),
+                       "--quants", "Q8_0", "--search", "greedy", "--onnx-quants", "none,int8", "--limit", "3",
+                       "--out", str(out), "--threads", "2", "-q"]) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert set(cells) == {"gguf|Q8_0|F16|greedy", "onnx|fp32|-|greedy", "onnx|int8|-|greedy",
+                          "transformers|fp32|-|greedy"}
+    # the same greedy decoding three ways: ONNX fp32 and transformers agree exactly
+    assert cells["onnx|fp32|-|greedy"]["accuracy"] == cells["transformers|fp32|-|greedy"]["accuracy"]

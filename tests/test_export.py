@@ -187,6 +187,13 @@ def test_quantize_refusals(trained, tmp_path):
     assert len(QUANT_TYPES) == 13
 
 
+def test_model_from_llavao1_train_verifies(trained):
+    report = verify(trained.hf, str(trained.gguf), str(trained.mmproj), threads=2)
+    print(report.table())
+    assert report.passed and report.paths[0].checks == {"text_logits<=1e-4": True, "image_embd<=5e-3": True}
+    assert report.paths[0].text_top1_agreement == 1.0 and report.paths[0].image_top1_agreement == 1.0
+
+
 def test_onnx_fp32_greedy_equals_transformers(trained, tmp_path):
     import torch
     from llavao1_export.onnx_export import OnnxLlava, export_onnx

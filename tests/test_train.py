@@ -57,12 +57,15 @@ def test_short_cpu_run_loss_falls_and_checkpoint_loads(data64, tmp_path, capsys)
 
     out = tmp_path / "run"
     rc = train_main(["--data", str(data64), "--out", str(out), "--init", "test-tiny", "--max-steps", "20",
-                     "--lr", "2e-3", "--batch-size", "8", "--log-every", "5", "-q", "--device", "cpu"])
+                     "--lr", "2e-3", "--batch-size", "8", "--log-every", "5", "-q", "--device", "cpu",
+                     "--eval-data", str(data64), "--eval-every", "20", "--eval-limit", "2"])
     assert rc == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(e["tokens_per_s"] > 0 for e in log if "loss" in e)
+    evals = [e for e in log if "eval_accuracy" in e]
+    assert evals and evals[0]["step"] == 20 and evals[0]["eval_n"] == 2 and 0.0 <= evals[0]["eval_accuracy"] <= 1.0
     model = AutoModelForImageTextToText.from_pretrained(out / "final")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert (out / "final" / "chat_template.jinja").is_file() and (out / "final" / "processor_config.json").is_file()
@@ -166,3 +169,15 @@ def test_ddp_two_processes_keep_identical_weights(data64, tmp_path):
     assert cfg["world_size"] == 2
     assert parse_answer("<SUMMARY>x</SUMMARY>").stages  # the run folder is a normal run folder
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_missing_extra_is_one_line_and_exit_2(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        train_main(["--data", "x", "--out", "y", "--init", "test-tiny"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'llavao1-edge[train]'" in err and "peft" in err

@@ -414,7 +414,8 @@ def train(cfg: TrainConfig) -> Path:
             mean_loss = sum(loss_acc) / max(1, n_label)
             loss_acc = []
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            rate = tok_count * world / max(1e-9, time.perf_counter() - t_last)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}")
             if step % cfg.log_every == 0 or step == total or step == 1:
                 dt = time.perf_counter() - t_last
                 _log(out, {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
