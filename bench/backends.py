@@ -48,8 +48,9 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, folder: str | Path, threads: int = 0, max_new_tokens: int = 512):
-        from llavao1_export.onnx_export import OnnxLlava
         from transformers import AutoTokenizer
+
+        from llavao1_export.onnx_export import OnnxLlava
 
         self.runner = OnnxLlava(folder, threads)
         self.tok = AutoTokenizer.from_pretrained(folder)
@@ -75,8 +76,9 @@ class HFBackend:
 
     def __init__(self, folder: str | Path, threads: int = 0, max_new_tokens: int = 512):
         import torch
-        from llavao1_export.verify import Reference
         from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        from llavao1_export.verify import Reference
 
         if threads:
             torch.set_num_threads(threads)

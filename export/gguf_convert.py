@@ -8,6 +8,7 @@ to write, and only then renamed into place.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,12 +75,32 @@ def _pre_tokenizer(tok: dict, where: Path) -> str:
                       "supported: byte-level BPE with the GPT-2 split (tokenizers' ByteLevel)")
 
 
+def _is_spm_bpe(tok: dict) -> bool:
+    """SentencePiece-style BPE as transformers writes Llama-2 tokenizers: byte fallback, '▁' for spaces."""
+    model = tok.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def _spm_space_prefix(tok: dict) -> bool:
+    """Whether text gets a leading '▁' (llama.cpp's add_space_prefix), from the normalizer or Metaspace."""
+    def walk(node) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "Prepend" and node.get("prepend") == "▁":
+            return True
+        if node.get("type") == "Metaspace":
+            return node.get("prepend_scheme", "always") != "never" and node.get("add_prefix_space", True)
+        return any(walk(n) for n in node.get("normalizers", []) + node.get("pretokenizers", []))
+    return walk(tok.get("normalizer")) or walk(tok.get("pre_tokenizer"))
+
+
 def _tokenizer_keys(plan: PlannedFile, ckpt: Checkpoint, n_vocab: int) -> None:
     tok, where = ckpt.tokenizer, ckpt.path / "tokenizer.json"
     model = tok.get("model") or {}
-    if model.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") != "ByteLevel":
+    spm = _is_spm_bpe(tok)
+    if model.get("type") != "BPE" or (not spm and (tok.get("decoder") or {}).get("type") != "ByteLevel"):
         raise ExportError(f"{where}: tokenizer model {model.get('type')!r} is not supported; supported: "
-                          "byte-level BPE (gpt2). SentencePiece (llama) tokenizers are not supported yet")
+                          "byte-level BPE (gpt2) and SentencePiece-style BPE with byte fallback (llama)")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["id"]: t for t in tok.get("added_tokens", [])}
     for t in added.values():
@@ -103,11 +124,32 @@ def _tokenizer_keys(plan: PlannedFile, ckpt: Checkpoint, n_vocab: int) -> None:
             value = value.get("content")
         return vocab.get(value) if isinstance(value, str) else None
 
-    plan.kv("tokenizer.ggml.model", T.STRING, "gpt2")
-    plan.kv("tokenizer.ggml.pre", T.STRING, _pre_tokenizer(tok, where))
-    plan.kv("tokenizer.ggml.tokens", T.ARRAY, tokens, T.STRING)
-    plan.kv("tokenizer.ggml.token_type", T.ARRAY, types, T.INT32)
-    plan.kv("tokenizer.ggml.merges", T.ARRAY, merges, T.STRING)
+    if spm:
+        # llama.cpp's SPM tokenizer merges the pair whose result scores highest: score = -merge rank
+        # reproduces the BPE merge order; bytes are BYTE tokens for the fallback.
+        scores = [0.0] * n_vocab
+        for rank, merge in enumerate(merges):
+            i = vocab.get(merge.replace(" ", ""))
+            if i is not None and scores[i] == 0.0:
+                scores[i] = -float(rank + 1)
+        for text, i in vocab.items():
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) and i not in added:
+                types[i] = int(gguf.TokenType.BYTE)
+        unk = model.get("unk_token")
+        if unk in vocab:
+            types[vocab[unk]] = int(gguf.TokenType.UNKNOWN)
+            plan.kv("tokenizer.ggml.unknown_token_id", T.UINT32, vocab[unk])
+        plan.kv("tokenizer.ggml.model", T.STRING, "llama")
+        plan.kv("tokenizer.ggml.tokens", T.ARRAY, tokens, T.STRING)
+        plan.kv("tokenizer.ggml.scores", T.ARRAY, scores, T.FLOAT32)
+        plan.kv("tokenizer.ggml.token_type", T.ARRAY, types, T.INT32)
+        plan.kv("tokenizer.ggml.add_space_prefix", T.BOOL, _spm_space_prefix(tok))
+    else:
+        plan.kv("tokenizer.ggml.model", T.STRING, "gpt2")
+        plan.kv("tokenizer.ggml.pre", T.STRING, _pre_tokenizer(tok, where))
+        plan.kv("tokenizer.ggml.tokens", T.ARRAY, tokens, T.STRING)
+        plan.kv("tokenizer.ggml.token_type", T.ARRAY, types, T.INT32)
+        plan.kv("tokenizer.ggml.merges", T.ARRAY, merges, T.STRING)
     eos = special_id("eos_token") if special_id("eos_token") is not None else ckpt.text_config.get("eos_token_id")
     bos = special_id("bos_token") if special_id("bos_token") is not None else ckpt.text_config.get("bos_token_id")
     pad = special_id("pad_token")

@@ -16,9 +16,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def shapes_texts(tmp_path_factory) -> list[str]:
-    from llavao1_train.shapes import ShapesConfig, write_dataset
-
     from llavao1_edge.records import read_records
+    from llavao1_train.shapes import ShapesConfig, write_dataset
 
     out = tmp_path_factory.mktemp("tok-data") / "d"
     write_dataset(ShapesConfig(n=48, seed=99), out, progress=False)
@@ -33,16 +32,50 @@ def tiny_tokenizer(shapes_texts):
 
 
 @pytest.fixture(scope="session")
+def spm_tokenizer(shapes_texts):
+    """A SentencePiece-style BPE as transformers writes Llama-2 tokenizers: byte fallback, '▁', Prepend."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llavao1_train.tokenizer import CHAT_TEMPLATE, STAGE_TOKENS
+
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    base = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    base.normalizer = norm
+    base.train_from_iterator(shapes_texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                               show_progress=False))
+    model = json.loads(base.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for b in range(256):  # byte-fallback pieces, as SentencePiece has them
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = norm
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>"])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in STAGE_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", unk_token="<unk>",
+                                   pad_token="<|pad|>", extra_special_tokens={"image_token": "<image>"})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.add_bos_token = False
+    return fast
+
+
+@pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, tiny_tokenizer):
     from llavao1_train.model import build_model, get_spec, save_checkpoint
 
     made: dict[str, Path] = {}
 
-    def make(name: str = "base", seed: int = 0, **overrides) -> Path:
+    def make(name: str = "base", seed: int = 0, tokenizer=None, **overrides) -> Path:
         if name not in made:
+            tok = tokenizer or tiny_tokenizer
             spec = get_spec("test-tiny", **overrides)
             folder = tmp_path_factory.mktemp("ckpt") / name
-            save_checkpoint(build_model(spec, tiny_tokenizer, seed=seed), tiny_tokenizer, spec, folder)
+            save_checkpoint(build_model(spec, tok, seed=seed), tok, spec, folder)
             made[name] = folder
         return made[name]
 

@@ -3,14 +3,14 @@
 import json
 
 import pytest
+
 from llavao1_bench.cli import main as bench_main
 from llavao1_bench.common import BenchError, load_items, parse_search, wilson_interval
 from llavao1_bench.paper_search import PaperStyleSearch
 from llavao1_bench.plots import pareto_front
-from llavao1_train.shapes import ShapesConfig, write_dataset
-
 from llavao1_edge.api import Reasoner
 from llavao1_edge.search import SearchConfig
+from llavao1_train.shapes import ShapesConfig, write_dataset
 
 
 def _model_args(trained):

@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+
+from llavao1_edge.modelfile import ModelFileError, check_projector, describe
 from llavao1_export.checkpoint import ExportError
 from llavao1_export.cli import main as export_main
 from llavao1_export.gguf_convert import (
@@ -18,8 +20,6 @@ from llavao1_export.gguf_convert import (
 )
 from llavao1_export.quantize import QUANT_TYPES, quantize_gguf
 from llavao1_export.verify import verify
-
-from llavao1_edge.modelfile import ModelFileError, check_projector, describe
 
 # Tiny random models of several shapes: every one must convert and verify.
 VARIANTS = {
@@ -50,6 +50,18 @@ def test_convert_and_verify_variants(name, make_checkpoint, tmp_path):
         assert path.image_max_abs_embd <= 5e-3
         assert path.checks == {"text_logits<=1e-4": True, "image_embd<=5e-3": True}
     assert report.passed
+
+
+def test_sentencepiece_tokenizer_converts_with_identical_tokens(make_checkpoint, spm_tokenizer, tmp_path):
+    ckpt = make_checkpoint("spm", tokenizer=spm_tokenizer)
+    res = convert_to_gguf(ckpt, tmp_path, "f32")
+    info = describe(res.text)
+    assert info.facts["tokenizer"] == "llama"
+    report = verify(ckpt, str(res.text), str(res.mmproj), threads=2)
+    (path,) = report.paths
+    print(report.table())
+    assert path.tokens_match, path.notes  # llama.cpp's SPM tokenizer splits the chat prompt as transformers does
+    assert path.text_max_abs_logit <= 1e-4 and path.image_max_abs_embd <= 5e-3 and report.passed
 
 
 def test_gguf_metadata_and_types(make_checkpoint, tmp_path):
@@ -196,9 +208,10 @@ def test_model_from_llavao1_train_verifies(trained):
 
 def test_onnx_fp32_greedy_equals_transformers(trained, tmp_path):
     import torch
+    from transformers import AutoModelForImageTextToText
+
     from llavao1_export.onnx_export import OnnxLlava, export_onnx
     from llavao1_export.verify import Reference
-    from transformers import AutoModelForImageTextToText
 
     folder = export_onnx(trained.hf, tmp_path / "onnx")
     runner = OnnxLlava(folder)
@@ -242,6 +255,7 @@ def test_cli_gguf_inspect_and_verify(make_checkpoint, tmp_path, capsys):
 
 def test_wrong_key_type_in_mmproj_is_caught_before_llama_cpp(make_checkpoint, tmp_path):
     from gguf import GGUFValueType as T
+
     from llavao1_export.checkpoint import load_checkpoint
 
     plan = plan_mmproj(load_checkpoint(make_checkpoint("gqa")), "f32")

@@ -7,6 +7,11 @@ import sys
 from collections import Counter
 
 import pytest
+from PIL import Image
+
+from llavao1_edge.judge import parse_pairwise_verdict, parse_reasoning_check
+from llavao1_edge.records import read_records, read_tsv
+from llavao1_edge.stages import parse_answer
 from llavao1_train.data_cli import main as data_main
 from llavao1_train.data_cli import validate_file
 from llavao1_train.shapes import (
@@ -19,11 +24,6 @@ from llavao1_train.shapes import (
 )
 from llavao1_train.shapes.questions import SPATIAL_MARGIN
 from llavao1_train.shapes.scene import COLORS, SHAPES
-from PIL import Image
-
-from llavao1_edge.judge import parse_pairwise_verdict, parse_reasoning_check
-from llavao1_edge.records import read_records, read_tsv
-from llavao1_edge.stages import parse_answer
 
 
 def independent_answer(family: str, spec: dict, objects: list[dict]) -> str:
