@@ -213,6 +213,10 @@ class _Search:
             stream_id = zlib.crc32(repr(seed_path).encode())  # every (step, candidate) has its own stream
             rng = np.random.default_rng([self.cfg.seed, stream_id, k]) if temperature > 0 else None
             lives.append(_Live(Candidate(k, "", [], 0.0, ""), st, rng, StageStreamParser(), Engine.text_decoder()))
+        # Candidates that sampled the same tokens so far share one sequence; a new sequence is forked
+        # only where they diverge, so a confident model pays for one stream, not N.
+        used = {st.seq for st in starts}
+        free = [q for q in range(1, self.e.config.n_seq_max) if q not in used and q > max(used)]
         while True:
             self._check()
             active = [lv for lv in lives if not lv.done]
@@ -221,44 +225,61 @@ class _Search:
                     lv.done, lv.cand.finish = True, "kv_full"
                 self.flags.append(f"{unit or mode}: the KV cache (n_ctx {self.e.config.n_ctx}) is full; "
                                   "raise --ctx or lower --candidates")
-            batch = []
+            groups: dict[int, list[_Live]] = {}
             for lv in lives:
-                if lv.done:
-                    continue
-                tok, lp = choose(lv.state.logits, lv.rng, temperature, self.cfg.top_p)
-                if self.e.is_eog(tok):
-                    lv.done, lv.cand.finish = True, "eos"
-                    continue
-                lv.cand.tokens.append(tok)
-                lv.cand.logprob_sum += lp
-                piece = lv.decoder.decode(self.e.piece(tok))
-                lv.cand.text += piece
-                if "first_token_s" not in self.timings and mode != "verdict":
-                    self.timings["first_token_s"] = time.perf_counter() - self.t0
-                if stream and piece:
-                    yield Event("token", unit or lv.parser.current_stage, lv.cand.index, piece)
-                closed = any(ev.kind == "close" for ev in lv.parser.feed(piece))
-                if close_tag and not closed:  # a close tag with no open tag still ends the stage
-                    closed = close_tag in lv.cand.text[-(len(piece) + len(close_tag)):].lower()
-                if mode == "stage" and closed:
-                    lv.done, lv.cand.finish = True, "closed"
-                elif mode == "sentence" and (closed or _SENTENCE_END.search(piece)) and lv.cand.text.strip():
-                    lv.done, lv.cand.finish = True, "sentence"
-                elif mode == "verdict" and _VERDICT_DONE.search(lv.cand.text):
-                    lv.done, lv.cand.finish = True, "verdict"
-                elif len(lv.cand.tokens) >= budget:
-                    lv.done, lv.cand.finish = True, "budget"
-                batch.append((lv, tok))  # decoded even when done: a chosen candidate continues from here
-            if not batch:
+                if not lv.done:
+                    groups.setdefault(lv.state.seq, []).append(lv)
+            rows: list[tuple[int, int, int, list[_Live]]] = []  # (seq, token, pos, candidates)
+            for seq, members in groups.items():
+                by_token: dict[int, list[_Live]] = {}
+                for lv in members:
+                    tok = yield from self._advance(lv, temperature, mode, budget, unit, close_tag, stream)
+                    if tok is not None:
+                        by_token.setdefault(tok, []).append(lv)
+                for i, (tok, lvs) in enumerate(by_token.items()):
+                    target = seq
+                    if i:  # a divergence: the new branch gets its own sequence sharing the prefix
+                        target = free.pop(0)
+                        self.e.fork(seq, target)
+                    rows.append((target, tok, members[0].state.pos, lvs))
+            if not rows:
                 break
-            logits = self.e.step([(lv.state.seq, tok, lv.state.pos) for lv, tok in batch])
-            for (lv, _), lg in zip(batch, logits, strict=True):
-                lv.state = SeqState(lv.state.seq, lv.state.pos + 1, lg)
-            key = "judge_generated" if mode == "verdict" else "generated"
-            self.tokens[key] += len(batch)
+            logits = self.e.step([(q, tok, pos) for q, tok, pos, _ in rows])
+            for (q, _, pos, lvs), lg in zip(rows, logits, strict=True):
+                for lv in lvs:
+                    lv.state = SeqState(q, pos + 1, lg)
+            self.tokens["judge_generated" if mode == "verdict" else "generated"] += len(rows)
         for lv in lives:
             lv.cand.text += lv.decoder.decode(b"", final=True)
         return [lv.cand for lv in lives], [lv.state for lv in lives]
+
+    def _advance(self, lv: _Live, temperature: float, mode: str, budget: int, unit: str | None,
+                 close_tag: str | None, stream: bool) -> Iterator[Event]:
+        """Choose one token for a candidate; returns the token to decode, or None (end of text)."""
+        tok, lp = choose(lv.state.logits, lv.rng, temperature, self.cfg.top_p)
+        if self.e.is_eog(tok):
+            lv.done, lv.cand.finish = True, "eos"
+            return None
+        lv.cand.tokens.append(tok)
+        lv.cand.logprob_sum += lp
+        piece = lv.decoder.decode(self.e.piece(tok))
+        lv.cand.text += piece
+        if "first_token_s" not in self.timings and mode != "verdict":
+            self.timings["first_token_s"] = time.perf_counter() - self.t0
+        if stream and piece:
+            yield Event("token", unit or lv.parser.current_stage, lv.cand.index, piece)
+        closed = any(ev.kind == "close" for ev in lv.parser.feed(piece))
+        if close_tag and not closed:  # a close tag with no open tag still ends the stage
+            closed = close_tag in lv.cand.text[-(len(piece) + len(close_tag)):].lower()
+        if mode == "stage" and closed:
+            lv.done, lv.cand.finish = True, "closed"
+        elif mode == "sentence" and (closed or _SENTENCE_END.search(piece)) and lv.cand.text.strip():
+            lv.done, lv.cand.finish = True, "sentence"
+        elif mode == "verdict" and _VERDICT_DONE.search(lv.cand.text):
+            lv.done, lv.cand.finish = True, "verdict"
+        elif len(lv.cand.tokens) >= budget:
+            lv.done, lv.cand.finish = True, "budget"
+        return tok  # decoded even when done: a chosen candidate continues from here
 
     # -- selection -------------------------------------------------------------------------------
 
@@ -379,9 +400,10 @@ class _Search:
         if n + 1 > self.e.config.n_seq_max:
             raise ValueError(f"{n} candidates need n_seq_max >= {n + 1} (have {self.e.config.n_seq_max})")
         for k in range(1, n + 1):
-            self.e.fork(0, k)
+            self.e.drop(k)
+        self.e.fork(0, 1)
         self._n_live = n
-        return [SeqState(k, state.pos, state.logits) for k in range(1, n + 1)]
+        return [SeqState(1, state.pos, state.logits) for _ in range(n)]  # split lazily in _generate
 
     def _adopt(self, state: SeqState, winner: SeqState, n: int) -> SeqState:
         self.e.adopt(winner.seq, 0, state.pos)
