@@ -11,19 +11,19 @@ RUN=${1:-runs/shapes-tiny}
 VARIANT=${2:-structured}
 N=${SHAPES_N:-9000}            # training questions (one image each)
 EPOCHS=${SHAPES_EPOCHS:-2}
+MAX_STEPS=${SHAPES_MAX_STEPS:-}  # optional cap on optimizer steps (overrides epochs)
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
 DATA="$RUN/data/train-$VARIANT"
 [ -f "$DATA/records.jsonl" ] || llavao1-data shapes --out "$DATA" --n "$N" --seed "$SEED" --kinds "$KINDS" \
     --judge-fraction 0.25
-[ -f "$RUN/data/val/records.jsonl" ] || llavao1-data shapes --out "$RUN/data/val" --n 200 --seed 5001 --split eval
 TRAIN="$RUN/train-$VARIANT"
 RESUME=""
 [ -d "$TRAIN/checkpoints" ] && RESUME=--resume
 [ -f "$TRAIN/final/model.safetensors" ] || llavao1-train --data "$DATA" --out "$TRAIN" --init shapes-tiny \
-    --lr 1e-3 --epochs "$EPOCHS" --batch-size 8 --max-length 1024 --save-every 250 --log-every 25 \
-    --eval-data "$RUN/data/val" --eval-every 2000 --eval-limit 40 --seed 0 $RESUME
+    --lr 1e-3 --epochs "$EPOCHS" ${MAX_STEPS:+--max-steps "$MAX_STEPS"} --batch-size 8 --max-length 1024 \
+    --save-every 250 --log-every 25 --seed 0 $RESUME
 GGUF="$RUN/gguf-$VARIANT"
 llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f32
 llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f16
@@ -34,3 +34,11 @@ for q in Q8_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K; do
 done
 llavao1-export quantize "$GGUF/mmproj-final-f16.gguf" "$GGUF/mmproj-final-Q8_0.gguf" --type Q8_0
 echo "done: $GGUF"
+if [ "${SHAPES_SHIP:-0}" = 1 ] && [ "$VARIANT" = structured ]; then  # install into the package
+    DEST="$(dirname "$0")/../../llavao1_edge/models/shapes-tiny"
+    mkdir -p "$DEST"
+    cp "$GGUF/final-f16.gguf" "$DEST/shapes-tiny-f16.gguf"
+    cp "$GGUF/final-${SHAPES_SHIP_QUANT:-Q8_0}.gguf" "$DEST/shapes-tiny-${SHAPES_SHIP_QUANT:-Q8_0}.gguf"
+    cp "$GGUF/mmproj-final-f16.gguf" "$DEST/mmproj-shapes-tiny-f16.gguf"
+    echo "shipped into $DEST"
+fi
