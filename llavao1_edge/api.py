@@ -39,7 +39,7 @@ def shipped_model_paths(name: str = DEFAULT_MODEL) -> tuple[Path, Path]:
     if not texts or not projs:
         raise ModelNotFound(f"no shipped model {name!r} in {folder}; pass --model TEXT.gguf --mmproj MMPROJ.gguf "
                             "(this build of llavao1-edge ships no default model yet)")
-    preferred = [p for p in texts if "q8_0" in p.name.lower()] or texts  # the size/accuracy point we ship
+    preferred = [p for p in texts if "f16" not in p.name.lower()] or texts  # the quantized file; F16 is its source
     return preferred[0], projs[0]
 
 
