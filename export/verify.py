@@ -24,7 +24,9 @@ from llavao1_edge.prompting import render_user_turn
 from .checkpoint import ExportError
 
 TEXT_THRESHOLD = 1e-4  # F32 GGUF text logits
-IMAGE_THRESHOLD = 5e-3  # image embeddings, towers without CLS (llama.cpp's own arithmetic differs slightly)
+# Image embeddings, towers without CLS, relative to max(1, max |reference|): llama.cpp's fp16 im2col and
+# GELU tables give an error that grows with the activations (1e-3 of |x| ~ 30 in a trained tower).
+IMAGE_THRESHOLD = 5e-3
 ONNX_THRESHOLD = 1e-4  # ONNX fp32 logits
 TEXT_PROMPT = "Count the red circles, then say whether there are more circles than squares."
 IMAGE_PROMPT = "<image>\nWhat is in the image? Describe each object."
@@ -39,6 +41,7 @@ class PathReport:
     text_max_abs_logit: float | None = None
     text_top1_agreement: float | None = None
     image_max_abs_embd: float | None = None
+    image_rel_embd: float | None = None  # max |Δ| / max(1, max |reference|): what the threshold judges
     image_max_abs_logit: float | None = None
     image_top1_agreement: float | None = None
     tokens_match: bool = True
@@ -67,11 +70,12 @@ class VerifyReport:
         def f(v):
             return "-" if v is None else (f"{v:.2e}" if isinstance(v, float) and v < 0.01 else f"{v:.4g}")
         rows = [f"{'path':<6} {'quantized':<9} {'text max|Δlogit|':>17} {'text top1':>9} {'image max|Δembd|':>17} "
-                f"{'image max|Δlogit|':>18} {'image top1':>10}  result"]
+                f"{'(relative)':>10} {'image max|Δlogit|':>18} {'image top1':>10}  result"]
         for p in self.paths:
             verdict = ("pass" if p.passed else "FAIL") if p.checks or not p.tokens_match else "reported"
             rows.append(f"{p.path:<6} {str(p.quantized):<9} {f(p.text_max_abs_logit):>17} {f(p.text_top1_agreement):>9} "
-                        f"{f(p.image_max_abs_embd):>17} {f(p.image_max_abs_logit):>18} {f(p.image_top1_agreement):>10}  {verdict}")
+                        f"{f(p.image_max_abs_embd):>17} {f(p.image_rel_embd):>10} {f(p.image_max_abs_logit):>18} "
+                        f"{f(p.image_top1_agreement):>10}  {verdict}")
             rows += [f"       note: {n}" for n in p.notes]
         return "\n".join(rows)
 
@@ -196,6 +200,7 @@ def _compare_gguf(ref: Reference, ref_out: dict, gguf: str, mmproj: str | None, 
     rep.text_top1_agreement = float((got["text_argmax"][:n] == ref_out["text_cont"]).mean())
     if mmproj:
         rep.image_max_abs_embd = float(np.abs(got["image_embd"] - ref_out["image_embd"]).max())
+        rep.image_rel_embd = rep.image_max_abs_embd / max(1.0, float(np.abs(ref_out["image_embd"]).max()))
         rep.image_max_abs_logit = float(np.abs(got["image_last_logits"] - ref_out["image_last_logits"]).max())
         m = len(ref_out["image_cont"])
         rep.image_top1_agreement = float((got["image_argmax"][:m] == ref_out["image_cont"]).mean())
@@ -205,5 +210,5 @@ def _compare_gguf(ref: Reference, ref_out: dict, gguf: str, mmproj: str | None, 
     if not _is_quantized(gguf) and rep.text_max_abs_logit is not None:
         rep.checks["text_logits<=1e-4"] = rep.text_max_abs_logit <= TEXT_THRESHOLD
     if mmproj and not _is_quantized(mmproj) and ref.model.config.vision_config.model_type != "clip_vision_model":
-        rep.checks["image_embd<=5e-3"] = rep.image_max_abs_embd <= IMAGE_THRESHOLD
+        rep.checks["image_embd<=5e-3"] = rep.image_rel_embd <= IMAGE_THRESHOLD
     return rep
