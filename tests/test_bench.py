@@ -109,3 +109,8 @@ def test_sweep_with_hf_adds_onnx_and_transformers_rows(trained, tmp_path):
                           "transformers|fp32|-|greedy"}
     # the same greedy decoding three ways: ONNX fp32 and transformers agree exactly
     assert cells["onnx|fp32|-|greedy"]["accuracy"] == cells["transformers|fp32|-|greedy"]["accuracy"]
+
+
+def test_latency_defaults_to_the_shipped_model_and_examples(capsys):
+    assert bench_main(["latency", "--limit", "1", "--repeats", "1", "--threads", "2", "-q", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_runs"] == 1

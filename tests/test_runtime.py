@@ -310,3 +310,16 @@ def test_runtime_import_stays_light():
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_shipped_model_answers_a_shipped_example(capsys):
+    from llavao1_edge.api import MODELS_DIR, shipped_model_paths
+
+    text, proj = shipped_model_paths()
+    assert "Q8_0" in text.name and proj.name.startswith("mmproj")
+    examples = MODELS_DIR.parent / "examples"
+    rec = next(iter(read_records(examples / "questions.jsonl")))
+    assert cli.main(["run", str(examples / rec.image), rec.question, "--search", "greedy", "--json",
+                     "--threads", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert all(doc["stages"][k] for k in STAGE_NAMES)  # the default model writes all four stages
