@@ -59,30 +59,27 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
         ax.legend(handles=h2, title="model files", loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=7,
                   title_fontsize=8)
 
-    fig, ax = plt.subplots(figsize=(9.5, 5.5))
-    for r, (t, a) in zip(rows, pts, strict=True):
-        ax.scatter(t, a, s=55, alpha=0.85, **style(r))
+    def accuracy_plot(x_key: str, xlabel: str, title: str, log_x: bool):
+        """Accuracy against one measure, one point per cell; returns the axes."""
+        fig, ax = plt.subplots(figsize=(9.5, 5.5))
+        for r in rows:
+            if r.get(x_key):
+                ax.scatter(r[x_key], r["accuracy"], s=55, alpha=0.85, **style(r))
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel="exact-match accuracy", title=title)
+        ax.grid(alpha=0.3)
+        legends(ax)
+        return fig, ax
+
+    fig, ax = accuracy_plot("median_total_s", "median seconds per question (log)",
+                            "Accuracy against latency (dashed: Pareto front, labelled)", True)
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1)
     for i in front:
         ax.annotate(_label(rows[i]), pts[i], fontsize=7, xytext=(5, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("median seconds per question (log)")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_title("Accuracy against latency (dashed: Pareto front, labelled)")
-    ax.grid(alpha=0.3)
-    legends(ax)
     paths.append(_save(fig, out / "accuracy_vs_latency.png"))
-
-    fig, ax = plt.subplots(figsize=(9.5, 5.5))
-    for r in rows:
-        if r.get("size_mb"):
-            ax.scatter(r["size_mb"], r["accuracy"], s=55, alpha=0.85, **style(r))
-    ax.set_xlabel("model files (text + projector), MiB")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_title("Accuracy against file size")
-    ax.grid(alpha=0.3)
-    legends(ax)
+    fig, _ = accuracy_plot("size_mb", "model files (text + projector), MiB", "Accuracy against file size", False)
     paths.append(_save(fig, out / "accuracy_vs_size.png"))
 
     staged = [r for r in rows if r.get("stage_s")]
