@@ -230,7 +230,7 @@ class Engine:
             pass
 
     def _alive(self) -> None:
-        if not self._ctx:
+        if not getattr(self, "_ctx", None):  # every native call goes through here: no use after close
             raise EngineError("the engine is closed")
 
     @property
@@ -240,6 +240,7 @@ class Engine:
     # -- tokens ---------------------------------------------------------------------------------
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
+        self._alive()
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (self._L.llama_token * cap)()
@@ -256,6 +257,7 @@ class Engine:
         return cached
 
     def _piece(self, token: int) -> bytes:
+        self._alive()
         buf = ctypes.create_string_buffer(64)
         n = self._L.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
         if n < 0:
@@ -267,6 +269,7 @@ class Engine:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
+        self._alive()
         return bool(self._L.llama_vocab_is_eog(self._vocab, token))
 
     @staticmethod
@@ -454,9 +457,28 @@ class Engine:
                 self._L.llama_memory_seq_cp(self._mem, 0, seq, 0, shared_end)
             stats.tokens_reused += len(prompt.keys) - sum(len(c.keys) - keep for c, keep, _ in todo)
             pending.append(self._decode_todo(seq, todo, stats, last_batched=True))
+        pending = self._share_common_text(pending, stats)
         logits = self.decode_many(pending)
         stats.prefill_s = time.perf_counter() - t0 - stats.image_encode_s
         return [SeqState(seq, start + len(toks), lg) for (seq, toks, start), lg in zip(pending, logits, strict=True)], stats
+
+    def _share_common_text(self, pending: list[tuple[int, list[int], int]], stats: PrefillStats):
+        """Prompts that continue the same way from the same position (judge prompts of one round share
+        instruction, question and earlier stages) decode that common text once, then fork it."""
+        if len(pending) < 2 or len({start for _, _, start in pending}) != 1:
+            return pending
+        first = pending[0][1]
+        common = min(len(toks) for _, toks, _ in pending) - 1  # each keeps at least one token, for logits
+        for _, toks, _ in pending[1:]:
+            common = next((i for i in range(common) if toks[i] != first[i]), common)
+        if common < 8:
+            return pending
+        seq0, start = pending[0][0], pending[0][2]
+        self.decode_many([(seq0, first[:common], start)])
+        for seq, _, _ in pending[1:]:
+            self._L.llama_memory_seq_cp(self._mem, seq0, seq, start, start + common)
+        stats.tokens_evaluated -= common * (len(pending) - 1)
+        return [(seq, toks[common:], start + common) for seq, toks, _ in pending]
 
     def _logits(self, i: int) -> np.ndarray:
         ptr = self._L.llama_get_logits_ith(self._ctx, i)

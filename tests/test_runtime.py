@@ -181,10 +181,15 @@ def test_threads_are_serialised(reasoner, questions):
 
 def test_close_frees_and_refuses_further_use(trained, questions):
     r = api.Reasoner(trained.gguf, trained.mmproj, n_threads=2)
+    engine = r.engine
     r.close()
     r.close()  # twice is fine
     with pytest.raises(EngineError, match="closed"):
         r.ask(questions[0][0], "How many?")
+    for call in (lambda: engine.tokenize("hi"), lambda: engine.is_eog(1), lambda: engine.piece(5),
+                 lambda: engine.step([(0, 1, 0)])):
+        with pytest.raises(EngineError, match="closed"):  # never a native crash after close()
+            call()
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,3 +328,23 @@ def test_shipped_model_answers_a_shipped_example(capsys):
                      "--threads", "2"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert all(doc["stages"][k] for k in STAGE_NAMES)  # the default model writes all four stages
+
+
+def test_forked_prompts_sharing_text_equal_separate_evaluation(trained, questions):
+    image, q, _ = questions[0]
+    cfg = EngineConfig(n_ctx=2048, n_seq_max=6, n_threads=2, kv_f32=True, flash_attn=False)
+    head = "<|user|>\n<__media__>\nAct as a judge. Compare the two answers to the question below carefully. "
+    texts = [head + f"Response 1: {a}\nResponse 2: {b}<|end|>\n<|assistant|>\n"
+             for a, b in (("two", "three"), ("red", "blue"), ("yes", "no"))]
+    with Engine(trained.gguf, trained.mmproj, cfg) as e:
+        e.eval_prompt(e.prepare(f"<|user|>\n<__media__>\n{q}<|end|>\n<|assistant|>\n", image))
+        shared, stats = e.eval_forked([e.prepare(t, image) for t in texts], [1, 2, 3])
+        n_text = sum(len(e.tokenize(t)) for t in texts)
+        separate = []
+        for t in texts:
+            e.eval_prompt(e.prepare(f"<|user|>\n<__media__>\n{q}<|end|>\n<|assistant|>\n", image))
+            (st,), _ = e.eval_forked([e.prepare(t, image)], [1])
+            separate.append(st)
+    assert stats.tokens_evaluated < n_text - 20  # the common text ran once
+    for a, b in zip(shared, separate, strict=True):
+        assert a.pos == b.pos and np.abs(a.logits - b.logits).max() < 1e-5
