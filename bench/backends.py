@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from llavao1_edge.images import load_image, preprocess
-from llavao1_edge.prompting import render_user_turn
 from llavao1_edge.search import SearchConfig
+from llavao1_export.verify import image_prompt_ids
 
 from .accuracy import Answer
 from .common import BenchItem
@@ -31,13 +31,6 @@ class GGUFBackend:
         self.reasoner.close()
 
 
-def _prompt_ids(tokenizer, template: str | None, question: str, image_token_id: int, n_image_tokens: int) -> list[int]:
-    text = render_user_turn(template, f"<image>\n{question}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    at = ids.index(image_token_id)
-    return ids[:at] + [image_token_id] * n_image_tokens + ids[at + 1:]
-
-
 def _image_bytes(item: BenchItem):
     return load_image(item.image)
 
@@ -58,8 +51,8 @@ class OnnxBackend:
 
     def answer(self, item: BenchItem, cfg: SearchConfig | None = None) -> Answer:
         t0 = time.perf_counter()
-        ids = _prompt_ids(self.tok, self.tok.chat_template, item.question, self.meta["image_token_id"],
-                          self.meta["n_image_tokens"])
+        ids = image_prompt_ids(self.tok, self.tok.chat_template, f"<image>\n{item.question}",
+                               self.meta["image_token_id"], self.meta["n_image_tokens"])
         px = preprocess(_image_bytes(item), self.meta["image_size"], self.meta["image_mean"], self.meta["image_std"])
         out = self.runner.generate(ids, px, self.max_new)
         text = self.tok.decode(out, skip_special_tokens=False).split(self.tok.eos_token)[0]
@@ -91,8 +84,8 @@ class HFBackend:
     def answer(self, item: BenchItem, cfg: SearchConfig | None = None) -> Answer:
         torch, ref = self.torch, self.ref
         t0 = time.perf_counter()
-        ids = _prompt_ids(self.tok, ref.ckpt.chat_template, item.question, self.model.config.image_token_id,
-                          ref.n_image_tokens)
+        ids = image_prompt_ids(self.tok, ref.ckpt.chat_template, f"<image>\n{item.question}",
+                               self.model.config.image_token_id, ref.n_image_tokens)
         px = torch.from_numpy(preprocess(_image_bytes(item), ref.image_size, ref.mean, ref.std))[None]
         with torch.no_grad():
             out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),

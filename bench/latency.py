@@ -59,8 +59,7 @@ class LatencyReport:
 
 
 def _cold(backend: GGUFBackend) -> None:
-    backend.reasoner.engine.forget_seq0()
-    backend.reasoner.engine._images.clear()
+    backend.reasoner.engine.clear_caches()
 
 
 def run_latency(backend: GGUFBackend, items: list[BenchItem], cfg: SearchConfig, repeats: int = 3,

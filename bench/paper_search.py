@@ -48,8 +48,7 @@ class PaperStyleSearch:
               rng: np.random.Generator | None) -> str:
         """One generate call from scratch: clear the cache, encode the image, evaluate, decode."""
         self.calls += 1
-        self.e.forget_seq0()
-        self.e._images.clear()  # the reference re-processes the image every call
+        self.e.clear_caches()  # the reference re-processes the image and the prefix every call
         marker = self.e.marker if image is not None else None
         rendered = render_user_turn(self.e.chat_template, user_text(user, marker, False)) + prefix
         prompt = self.e.prepare(rendered, image)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llavao1_train.model import looks_like_hub_id, read_image_stats
+
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 SUPPORTED_TEXT = ("llama", "mistral")
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
@@ -109,21 +111,10 @@ def _load_tensors(files: list[Path]) -> tuple[dict[str, np.ndarray], str]:
     return tensors, digest.hexdigest()
 
 
-def _image_stats(root: Path) -> tuple[list[float], list[float]]:
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        p = root / name
-        if p.is_file():
-            cfg = _read_json(p, "processor config")
-            cfg = cfg.get("image_processor", cfg)
-            if "image_mean" in cfg and "image_std" in cfg:
-                return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
-    raise ExportError(f"{root}: no preprocessor_config.json or processor_config.json with image_mean/image_std")
-
-
 def load_checkpoint(model_dir: str | Path) -> Checkpoint:
     root = Path(model_dir)
     if not root.exists():
-        if "/" in str(model_dir) and not str(model_dir).startswith((".", "/", "~")) and str(model_dir).count("/") == 1:
+        if looks_like_hub_id(str(model_dir)):
             raise ExportError(f"{model_dir}: looks like a hub id; download the weights to a folder first "
                               "(llavao1-edge never downloads at run time)")
         raise ExportError(f"{root}: no such folder")
@@ -149,7 +140,10 @@ def load_checkpoint(model_dir: str | Path) -> Checkpoint:
     template_file = root / "chat_template.jinja"
     chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else \
         tokenizer_config.get("chat_template")
-    mean, std = _image_stats(root)
+    stats = read_image_stats(root)
+    if stats is None:
+        raise ExportError(f"{root}: no preprocessor_config.json or processor_config.json with image_mean/image_std")
+    mean, std = stats
     tensors, sha = _load_tensors(_safetensors_files(root))
     ckpt = Checkpoint(root, config, tensors, tokenizer, tokenizer_config, chat_template, mean, std, sha)
     if vision_type == "clip_vision_model":

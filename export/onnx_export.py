@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llavao1_train.model import image_token_count
+
 from .checkpoint import ExportError
 
 ONNX_QUANTS = ("none", "int8", "int4")
@@ -134,7 +136,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quant:
         (tmp / "llavao1_onnx.json").write_text(json.dumps({
             "quant": quant, "n_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim,
             "image_size": vc.image_size, "image_mean": ckpt.image_mean, "image_std": ckpt.image_std,
-            "image_token_id": cfg.image_token_id, "n_image_tokens": _n_image_tokens(cfg),
+            "image_token_id": cfg.image_token_id, "n_image_tokens": image_token_count(cfg),
             "eos_token_id": tokenizer.eos_token_id, "source_sha256": ckpt.sha256,
         }, indent=2))
         tokenizer.save_pretrained(tmp)  # tokenizer.json for users; the runner itself takes token ids
@@ -145,14 +147,6 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quant:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _n_image_tokens(cfg) -> int:
-    vc = cfg.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    if vc.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "full":
-        n += 1
-    return n
 
 
 def _quantize(folder: Path, quant: str, log) -> None:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llavao1_edge.modelfile import check_projector, check_text_model
+from llavao1_edge.modelfile import describe
 
 from .checkpoint import ExportError
 
@@ -79,10 +79,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, th
         raise ExportError(f"{src}: file not found")
     if dst.exists() and dst.resolve() == src.resolve():
         raise ExportError(f"{dst}: the output would overwrite the input; choose another name")
-    reader = gguf.GGUFReader(str(src)) if src.read_bytes()[:4] == b"GGUF" else None
-    arch = reader.fields["general.architecture"].contents() if reader and "general.architecture" in reader.fields else None
-    del reader
-    (check_projector if arch == "clip" else check_text_model)(src)  # never hand llama.cpp a bad file
+    describe(src)  # validates the file (text model or projector): never hand llama.cpp a bad file
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     params = L.llama_model_quantize_default_params()

@@ -20,6 +20,7 @@ import numpy as np
 from llavao1_edge.images import preprocess
 from llavao1_edge.modelfile import describe
 from llavao1_edge.prompting import render_user_turn
+from llavao1_train.model import image_token_count
 
 from .checkpoint import ExportError
 
@@ -80,6 +81,13 @@ class VerifyReport:
         return "\n".join(rows)
 
 
+def image_prompt_ids(tokenizer, template: str | None, user_text: str, image_token_id: int, n_image_tokens: int) -> list[int]:
+    """Token ids of a chat prompt for transformers/ONNX: the one image placeholder expanded to every image token."""
+    ids = tokenizer(render_user_turn(template, user_text), add_special_tokens=False)["input_ids"]
+    at = ids.index(image_token_id)
+    return ids[:at] + [image_token_id] * n_image_tokens + ids[at + 1:]
+
+
 class Reference:
     """The transformers model in fp32, and the inputs every path gets."""
 
@@ -96,11 +104,7 @@ class Reference:
         cfg = self.model.config
         vc = cfg.vision_config
         self.image_size, self.mean, self.std = vc.image_size, self.ckpt.image_mean, self.ckpt.image_std
-        n = (vc.image_size // vc.patch_size) ** 2
-        if vc.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "full":
-            n += 1
-        self.n_image_tokens = n
-        self.image_token = self.tok.convert_ids_to_tokens(cfg.image_token_id)
+        self.n_image_tokens = image_token_count(cfg)
         template = self.ckpt.chat_template
         self.text_prompt = render_user_turn(template, TEXT_PROMPT)
         self.image_prompt = render_user_turn(template, IMAGE_PROMPT)
@@ -121,9 +125,8 @@ class Reference:
         return self.tok(self.text_prompt, add_special_tokens=False)["input_ids"]
 
     def image_ids(self) -> list[int]:
-        ids = self.tok(self.image_prompt, add_special_tokens=False)["input_ids"]
-        at = ids.index(self.model.config.image_token_id)
-        return ids[:at] + [self.model.config.image_token_id] * self.n_image_tokens + ids[at + 1:]
+        return image_prompt_ids(self.tok, self.ckpt.chat_template, IMAGE_PROMPT, self.model.config.image_token_id,
+                                self.n_image_tokens)
 
     def pixels(self):
         return self.torch.from_numpy(preprocess(self.image, self.image_size, self.mean, self.std))[None]

@@ -418,6 +418,11 @@ class Engine:
         stats.tokens_evaluated += chunk.n_tokens
         return new_pos.value
 
+    def clear_caches(self) -> None:
+        """Forget cached image embeddings and the kept prompt: the next prompt is evaluated from scratch."""
+        self._images.clear()
+        self.forget_seq0()
+
     def forget_seq0(self) -> None:
         """Sequence 0 is about to change outside eval_prompt: prefix reuse must not trust it."""
         self._seq0_keys, self._seq0_logits = [], None
@@ -479,12 +484,6 @@ class Engine:
             self._L.llama_memory_seq_cp(self._mem, seq0, seq, start, start + common)
         stats.tokens_evaluated -= common * (len(pending) - 1)
         return [(seq, toks[common:], start + common) for seq, toks, _ in pending]
-
-    def _logits(self, i: int) -> np.ndarray:
-        ptr = self._L.llama_get_logits_ith(self._ctx, i)
-        if not ptr:
-            raise EngineError(f"no logits for batch row {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def _run_batch(self, rows: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
         """rows: (token, pos, seq, want_logits); returns logits for rows that want them."""

@@ -7,12 +7,6 @@ import numpy as np
 _TOP_K_FIRST = 64  # nucleus candidates looked at before falling back to a full sort
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
-
-
 def choose(logits: np.ndarray, rng: np.random.Generator | None, temperature: float, top_p: float) -> tuple[int, float]:
     """(token, its log-probability under the model at temperature 1).
 

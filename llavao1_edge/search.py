@@ -188,9 +188,10 @@ class _Search:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def _prompt(self, text: str, with_image: bool) -> Prompt:
+    def _prompt(self, text: str, with_image: bool, instruct_format: bool = False) -> Prompt:
+        """A one-turn chat prompt (the question, or a judge prompt) through the GGUF's template."""
         marker = self.marker if with_image else None
-        rendered = render_user_turn(self.e.chat_template, user_text(text, marker, False))
+        rendered = render_user_turn(self.e.chat_template, user_text(text, marker, instruct_format))
         return self.e.prepare(rendered, self.image if marker else None)
 
     def _check(self) -> None:
@@ -209,8 +210,8 @@ class _Search:
         limit = self.e.config.n_ctx - (self.e.config.n_ctx // 4 if judging else 0) - 1  # a quarter stays for judges
         close_tag = STAGE_BY_NAME[unit].close_tag.lower() if mode == "stage" and unit in STAGE_BY_NAME else None
         lives = []
+        stream_id = zlib.crc32(repr(seed_path).encode())  # every (step, candidate) has its own stream
         for k, st in enumerate(starts):
-            stream_id = zlib.crc32(repr(seed_path).encode())  # every (step, candidate) has its own stream
             rng = np.random.default_rng([self.cfg.seed, stream_id, k]) if temperature > 0 else None
             lives.append(_Live(Candidate(k, "", [], 0.0, ""), st, rng, StageStreamParser(), Engine.text_decoder()))
         # Candidates that sampled the same tokens so far share one sequence; a new sequence is forked
@@ -369,7 +370,7 @@ class _Search:
 
     def run(self) -> Iterator[Event]:
         cfg = self.cfg
-        prompt = self._question_prompt()
+        prompt = self._prompt(self.question, with_image=True, instruct_format=self.force)
         self.tokens["prompt"] = prompt.n_tokens
         state, stats = self.e.eval_prompt(prompt)
         self.e.free_prompt(prompt)
@@ -391,10 +392,6 @@ class _Search:
             for s in range(1, self.e.config.n_seq_max):
                 self.e.drop(s)
             self.e.forget_seq0()  # sequence 0 now holds generated text past the prompt
-
-    def _question_prompt(self) -> Prompt:
-        rendered = render_user_turn(self.e.chat_template, user_text(self.question, self.marker, self.force))
-        return self.e.prepare(rendered, self.image if self.marker else None)
 
     def _fork(self, state: SeqState, n: int) -> list[SeqState]:
         if n + 1 > self.e.config.n_seq_max:

@@ -51,6 +51,35 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
+def image_token_count(config) -> int:
+    """Placeholder tokens one image takes in a LLaVA config: every patch, plus CLS if it is kept."""
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    if vc.model_type == "clip_vision_model" and config.vision_feature_select_strategy == "full":
+        n += 1
+    return n
+
+
+def read_image_stats(folder: str | Path) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) from a checkpoint's processor config, or None when there is none."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                cfg = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg and "image_std" in cfg:
+                return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
+    return None
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'org/model': what users pass when they expect a download (we never download)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
 def get_spec(name: str, **overrides) -> ModelSpec:
     if name not in MODEL_SPECS:
         raise ValueError(f"unknown model config {name!r}; known: {', '.join(MODEL_SPECS)}")

@@ -33,7 +33,14 @@ from .data import (
     read_records_tolerant,
     tokenize_record,
 )
-from .model import build_model, get_spec, save_checkpoint
+from .model import (
+    build_model,
+    get_spec,
+    image_token_count,
+    looks_like_hub_id,
+    read_image_stats,
+    save_checkpoint,
+)
 from .tokenizer import train_tokenizer
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -108,25 +115,6 @@ def _records_path(data: str) -> Path:
     return p
 
 
-def _image_stats_from_dir(model_dir: Path) -> tuple[list[float], list[float]]:
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        f = model_dir / name
-        if f.is_file():
-            cfg = json.loads(f.read_text())
-            cfg = cfg.get("image_processor", cfg)
-            if "image_mean" in cfg:
-                return cfg["image_mean"], cfg["image_std"]
-    raise TrainError(f"{model_dir}: no processor config with image_mean/image_std")
-
-
-def _image_tokens(config) -> int:
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    if vc.model_type == "clip_vision_model" and config.vision_feature_select_strategy == "full":
-        n += 1  # CLS is kept
-    return n
-
-
 def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path):
     """(model, tokenizer, image_spec, spec or None). Never downloads."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
@@ -144,15 +132,18 @@ def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path):
         return model, tokenizer, ispec, spec
     src = Path(cfg.model)
     if not src.is_dir():
-        if "/" in cfg.model and not cfg.model.startswith((".", "/", "~")):
+        if looks_like_hub_id(cfg.model):
             raise TrainError(f"{cfg.model}: looks like a hub id; the weights must be on disk (download them first)")
         raise TrainError(f"{src}: no such checkpoint folder")
     if not list(src.glob("*.safetensors")):
         raise TrainError(f"{src}: no .safetensors weights (pickle weights are not loaded)")
     model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(src)
-    mean, std = _image_stats_from_dir(src)
-    ispec = ImageSpec(model.config.vision_config.image_size, tuple(mean), tuple(std), _image_tokens(model.config))
+    stats = read_image_stats(src)
+    if stats is None:
+        raise TrainError(f"{src}: no processor config with image_mean/image_std")
+    mean, std = stats
+    ispec = ImageSpec(model.config.vision_config.image_size, tuple(mean), tuple(std), image_token_count(model.config))
     return model, tokenizer, ispec, None
 
 
