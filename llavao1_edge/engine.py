@@ -423,6 +423,13 @@ class Engine:
         self._images.clear()
         self.forget_seq0()
 
+    def rewind_seq0(self, keys: list, pos: int, logits: np.ndarray) -> None:
+        """Cut sequence 0 back to the prompt it was given (generation appended past `pos`), so the
+        next prompt reuses its KV cells: a follow-up question on the same image skips the image."""
+        self._alive()
+        self.drop(0, pos, -1)
+        self._seq0_keys, self._seq0_pos, self._seq0_logits = list(keys), pos, logits.copy()
+
     def forget_seq0(self) -> None:
         """Sequence 0 is about to change outside eval_prompt: prefix reuse must not trust it."""
         self._seq0_keys, self._seq0_logits = [], None

@@ -111,7 +111,9 @@ def fit_to_square(img: Image.Image, size: int) -> Image.Image:
         return img.copy()
     scale = min(size / w, size / h)
     new_w, new_h = min(math.ceil(w * scale), size), min(math.ceil(h * scale), size)
-    resized = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    # mtmd resamples horizontally, then vertically (8-bit rounding between the passes); Pillow picks
+    # the order itself (vertical first for portrait images), so the two passes are made explicit.
+    resized = img.resize((new_w, h), Image.Resampling.BICUBIC).resize((new_w, new_h), Image.Resampling.BICUBIC)
     out = Image.new("RGB", (size, size), MTMD_PAD_COLOR)
     out.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return out

@@ -373,10 +373,12 @@ class _Search:
         prompt = self._prompt(self.question, with_image=True, instruct_format=self.force)
         self.tokens["prompt"] = prompt.n_tokens
         state, stats = self.e.eval_prompt(prompt)
+        prompt_keys, prompt_state = prompt.keys, state
         self.e.free_prompt(prompt)
         self.tokens["prompt_evaluated"] = stats.tokens_evaluated
         self.timings.update(image_encode_s=stats.image_encode_s, prefill_s=stats.prefill_s)
         yield Event("prompt_ready", data={"image_cache_hit": stats.image_cache_hit, **asdict(stats)})
+        clean = False  # the KV cache is in a known state (not cut off by an engine error)
         try:
             if cfg.strategy == "stage" or (cfg.strategy == "greedy" and self.force):
                 yield from self._stage_search(state, 1 if cfg.strategy == "greedy" else cfg.candidates)
@@ -386,12 +388,17 @@ class _Search:
                 yield from self._whole_answers(state, cfg.candidates)
             else:
                 yield from self._sentence_search(state)
+            clean = True
         except SearchStopped as stop:
             self.flags.append(stop.why)
+            clean = True
         finally:
             for s in range(1, self.e.config.n_seq_max):
                 self.e.drop(s)
-            self.e.forget_seq0()  # sequence 0 now holds generated text past the prompt
+            if clean:  # keep the prompt (chat header, image, question) for a follow-up question
+                self.e.rewind_seq0(prompt_keys, prompt_state.pos, prompt_state.logits)
+            else:
+                self.e.forget_seq0()
 
     def _fork(self, state: SeqState, n: int) -> list[SeqState]:
         if n + 1 > self.e.config.n_seq_max:

@@ -16,6 +16,7 @@ from llavao1_edge.modelfile import ModelFileError
 from llavao1_edge.records import read_records
 from llavao1_edge.search import SearchConfig, run_search, search_events
 from llavao1_edge.stages import STAGE_NAMES
+from llavao1_train.model import get_spec
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,45 @@ def test_cached_image_equals_fresh_encode_and_skips_the_encoder(trained, questio
         ref, _ = fresh.eval_prompt(fresh.prepare(f"<|user|>\n<__media__>\n{other}<|end|>\n<|assistant|>\n", image))
     assert np.abs(second.logits - ref.logits).max() < 1e-5
     assert np.abs(third.logits - ref.logits).max() < 1e-5
+
+
+def test_follow_up_question_reuses_the_prompt_prefix_after_a_search(trained, questions):
+    image, q, _ = questions[2]
+    other = "How many objects are there?"
+    opts = dict(n_threads=2, kv_f32=True, flash_attn=False)
+    with api.Reasoner(trained.gguf, trained.mmproj, **opts) as r:
+        r.ask(image, q, strategy="stage", candidates=2)  # leaves generated text and judge prompts behind
+        events = list(r.stream(image, other, strategy="greedy"))
+        again = list(r.stream(image, other, strategy="greedy"))
+    ready = next(ev for ev in events if ev.kind == "prompt_ready").data
+    n_image = get_spec("test-tiny").image_tokens
+    assert ready["tokens_reused"] >= n_image and ready["image_encode_s"] == 0  # header + image from the KV cache
+    assert next(ev for ev in again if ev.kind == "prompt_ready").data["tokens_evaluated"] == 0
+    with api.Reasoner(trained.gguf, trained.mmproj, **opts) as fresh:
+        ref = fresh.ask(image, other, strategy="greedy")
+    assert events[-1].data["result"].text == ref.text == again[-1].data["result"].text
+
+
+def test_preprocessing_equals_mtmd_for_any_aspect_ratio(trained):
+    """Our fit_to_square (used for training) gives the pixels mtmd makes from the original image."""
+    from llavao1_edge.images import fit_to_square
+
+    rng = np.random.default_rng(0)
+    size = get_spec("test-tiny").image_size
+    with Engine(trained.gguf, trained.mmproj, EngineConfig(n_threads=2)) as e:
+        def embeddings(img):
+            p = e.prepare(f"<|user|>\n{e.marker}\nhi<|end|>\n<|assistant|>\n", img)
+            try:
+                return e.image_embeddings(p)
+            finally:
+                e.free_prompt(p)
+                e.clear_caches()
+
+        for w, h in [(90, 40), (40, 90), (33, 100), (100, 33), (37, 111), (50, 50), (20, 70), (10, 20), (20, 10), (7, 13)]:
+            img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            diff = np.abs(embeddings(img) - embeddings(fit_to_square(img, size))).max()
+            print(f"{w}x{h}: max |mtmd - ours| {diff:.2e}")
+            assert diff == 0.0, (w, h)
 
 
 def test_stream_events_reassemble_into_the_result(reasoner, questions):

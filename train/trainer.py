@@ -410,7 +410,8 @@ def train(cfg: TrainConfig) -> Path:
             if step % cfg.log_every == 0 or step == total or step == 1:
                 dt = time.perf_counter() - t_last
                 _log(out, {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": tok_count * world / dt, "samples_per_s": sample_count * world / dt})
+                           "tokens_per_s": tok_count * world / dt, "samples_per_s": sample_count * world / dt,
+                           **image_reliance(model, batch, autocast)})
                 t_last, tok_count, sample_count = time.perf_counter(), 0, 0
         if cfg.eval_every and eval_examples and step % cfg.eval_every == 0 and rank == 0:
             acc = evaluate(model, tokenizer, eval_examples, ispec, device)
@@ -451,6 +452,26 @@ def param_checksum(model) -> str:
     for name, p in sorted(inner.named_parameters()):
         h.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def image_reliance(model, batch: dict, autocast) -> dict:
+    """Loss on a batch with its own images and with the images rotated one place: a model that
+    ignores the image (its vision path collapsed) shows no gap. Empty for batches of < 2 images."""
+    if batch.get("pixel_values") is None or batch["pixel_values"].shape[0] < 2:
+        return {}
+    inner = model.module if hasattr(model, "module") else model
+    was_training = inner.training
+    inner.eval()
+    n = max(1, int((batch["labels"][:, 1:] != -100).sum()))
+    losses = []
+    for pixels in (batch["pixel_values"], batch["pixel_values"].roll(1, 0)):
+        with autocast:
+            logits = inner(**{k: v for k, v in batch.items() if k not in ("labels", "pixel_values")},
+                           pixel_values=pixels).logits
+        losses.append(_token_loss_sum(logits, batch["labels"]).item() / n)
+    inner.train(was_training)
+    return {"batch_loss": losses[0], "batch_loss_other_images": losses[1]}
 
 
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,20 +9,23 @@
 set -euo pipefail
 RUN=${1:-runs/shapes-tiny}
 VARIANT=${2:-structured}
-N=${SHAPES_N:-9000}            # training questions (one image each)
-EPOCHS=${SHAPES_EPOCHS:-2}
-MAX_STEPS=${SHAPES_MAX_STEPS:-}  # optional cap on optimizer steps (overrides epochs)
+N=${SHAPES_N:-16000}           # training questions (one image each)
+EPOCHS=${SHAPES_EPOCHS:-3}           # used only when SHAPES_MAX_STEPS=0
+# Optimizer steps (batch 16). structured: 2,800 steps = 1.76 passes over its 25,426 records (16,000
+# questions + judge examples); direct: 1,760 steps = the same 1.76 passes over its 16,000 records.
+if [ "$VARIANT" = direct ]; then MAX_STEPS=${SHAPES_MAX_STEPS:-1760}; else MAX_STEPS=${SHAPES_MAX_STEPS:-2800}; fi
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
 DATA="$RUN/data/train-$VARIANT"
 [ -f "$DATA/records.jsonl" ] || llavao1-data shapes --out "$DATA" --n "$N" --seed "$SEED" --kinds "$KINDS" \
-    --judge-fraction 0.25
+    --judge-fraction 0.1
 TRAIN="$RUN/train-$VARIANT"
 RESUME=""
 [ -d "$TRAIN/checkpoints" ] && RESUME=--resume
+# lr 3e-4: at 1e-3 the from-scratch vision path collapses (image tokens turn constant, the model goes blind).
 [ -f "$TRAIN/final/model.safetensors" ] || llavao1-train --data "$DATA" --out "$TRAIN" --init shapes-tiny \
-    --lr 1e-3 --epochs "$EPOCHS" ${MAX_STEPS:+--max-steps "$MAX_STEPS"} --batch-size 8 --max-length 1024 \
+    --lr 3e-4 --epochs "$EPOCHS" $([ "$MAX_STEPS" = 0 ] || echo --max-steps "$MAX_STEPS") --batch-size 16 --max-length 1024 \
     --save-every 250 --log-every 25 --seed 0 $RESUME
 GGUF="$RUN/gguf-$VARIANT"
 llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f32

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every number of the README's results section, from the run folder train/recipes/shapes_tiny.sh made.
+#
+#   bash bench/recipes/shapes_tiny.sh [RUN_DIR] [OUT_DIR]
+#
+# Eval questions come from seed 5002 (training uses seed 1; eval seeds >= 5000 are never trained on).
+# Each step is skipped when its output exists, so a stopped run continues where it stopped.
+set -euo pipefail
+RUN=${1:-runs/shapes-tiny}
+OUT=${2:-bench/results/shapes-tiny}
+N=${BENCH_N:-500}
+G="$RUN/gguf-structured"
+EVAL="$RUN/data/eval-5002"
+mkdir -p "$OUT"
+[ -f "$EVAL/records.jsonl" ] || llavao1-data shapes --out "$EVAL" --n "$N" --seed 5002 --split eval --kinds cot
+# 1. search settings on the F16 model: greedy, stage N=2/4 (judge), best-of-N 4, the logprob and vote selectors
+llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+    --quants F16 --mmproj-quants F16 \
+    --search greedy,stage:2,stage:4,best-of-n:4,stage:4:logprob,best-of-n:4:vote --out "$OUT/search" -q
+# 2. quantization: F16 ... Q2_K text x F16 / Q8_0 projector, greedy
+llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+    --quants F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --mmproj-quants F16,Q8_0 --search greedy --out "$OUT/quant" -q
+# 3. the direct-answer variant (train/recipes/shapes_tiny.sh RUN direct), same questions
+D="$RUN/gguf-direct"
+if [ -f "$D/final-f16.gguf" ] && [ ! -f "$OUT/accuracy_direct_f16.json" ]; then
+    llavao1-bench accuracy --model "$D/final-f16.gguf" --mmproj "$D/mmproj-final-f16.gguf" \
+        --data "$EVAL/records.jsonl" --search greedy --json -q > "$OUT/accuracy_direct_f16.json.tmp"
+    mv "$OUT/accuracy_direct_f16.json.tmp" "$OUT/accuracy_direct_f16.json"
+fi
+# 4. latency of the search against greedy and against the paper-style implementation (shipped examples)
+for s in greedy stage:2 stage:4; do
+    f="$OUT/latency_${s/:/_}.json"
+    [ -f "$f" ] || { llavao1-bench latency --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+        --search "$s" --limit 8 --repeats 2 $([ "$s" = greedy ] || echo --compare-reference) --json -q > "$f.tmp" \
+        && mv "$f.tmp" "$f"; }
+done
+cp "$G/verify.txt" "$OUT/verify.txt"
+echo "done: $OUT"
