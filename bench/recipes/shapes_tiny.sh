@@ -13,13 +13,19 @@ G="$RUN/gguf-structured"
 EVAL="$RUN/data/eval-5002"
 mkdir -p "$OUT"
 [ -f "$EVAL/records.jsonl" ] || llavao1-data shapes --out "$EVAL" --n "$N" --seed 5002 --split eval --kinds cot
+# 1 and 2 run side by side, one thread each (a 7M-parameter model gains little from a second thread).
 # 1. search settings on the F16 model: greedy, stage N=2/4 (judge), best-of-N 4, the logprob and vote selectors
 llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
-    --quants F16 --mmproj-quants F16 \
-    --search greedy,stage:2,stage:4,best-of-n:4,stage:4:logprob,best-of-n:4:vote --out "$OUT/search" -q
+    --quants F16 --mmproj-quants F16 --threads 1 \
+    --search greedy,stage:2,stage:4,best-of-n:4,stage:4:logprob,best-of-n:4:vote --out "$OUT/search" -q &
+SEARCH=$!
 # 2. quantization: F16 ... Q2_K text x F16 / Q8_0 projector, greedy
 llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
-    --quants F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --mmproj-quants F16,Q8_0 --search greedy --out "$OUT/quant" -q
+    --quants F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --mmproj-quants F16,Q8_0 --search greedy --threads 1 \
+    --out "$OUT/quant" -q &
+QUANT=$!
+wait $SEARCH
+wait $QUANT
 # 3. the direct-answer variant (train/recipes/shapes_tiny.sh RUN direct), same questions
 D="$RUN/gguf-direct"
 if [ -f "$D/final-f16.gguf" ] && [ ! -f "$OUT/accuracy_direct_f16.json" ]; then
@@ -35,4 +41,5 @@ for s in greedy stage:2 stage:4; do
         && mv "$f.tmp" "$f"; }
 done
 cp "$G/verify.txt" "$OUT/verify.txt"
+cp "$RUN/train-structured/log.jsonl" "$OUT/train_log.jsonl"
 echo "done: $OUT"
