@@ -252,8 +252,7 @@ def verify_onnx(ref, ref_out: dict, onnx_dir: str):
     cont = runner.generate(text_ids, None, len(ref_out["text_cont"]), eos_token_id=-1)
     rep.text_top1_agreement = float(np.mean(np.array(cont) == ref_out["text_cont"]))
     px = ref.pixels().numpy()[0]
-    rep.image_max_abs_embd = float(np.abs(runner.image_features(px) - ref_out["image_embd"]).max())
-    rep.image_rel_embd = rep.image_max_abs_embd / max(1.0, float(np.abs(ref_out["image_embd"]).max()))
+    rep.compare_image_embeddings(runner.image_features(px), ref_out["image_embd"])
     image_ids = ref.image_ids()
     ilogits, _ = runner.forward(runner.embed_prompt(image_ids, px), None, 0)
     rep.image_max_abs_logit = float(np.abs(ilogits[0, -1] - ref_out["image_last_logits"]).max())

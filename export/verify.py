@@ -53,6 +53,11 @@ class PathReport:
     def passed(self) -> bool:
         return self.tokens_match and all(self.checks.values())
 
+    def compare_image_embeddings(self, got: np.ndarray, reference: np.ndarray) -> None:
+        """Set the absolute and the relative (what the threshold judges) image embedding error."""
+        self.image_max_abs_embd = float(np.abs(got - reference).max())
+        self.image_rel_embd = self.image_max_abs_embd / max(1.0, float(np.abs(reference).max()))
+
 
 @dataclass
 class VerifyReport:
@@ -202,8 +207,7 @@ def _compare_gguf(ref: Reference, ref_out: dict, gguf: str, mmproj: str | None, 
     n = len(ref_out["text_cont"])
     rep.text_top1_agreement = float((got["text_argmax"][:n] == ref_out["text_cont"]).mean())
     if mmproj:
-        rep.image_max_abs_embd = float(np.abs(got["image_embd"] - ref_out["image_embd"]).max())
-        rep.image_rel_embd = rep.image_max_abs_embd / max(1.0, float(np.abs(ref_out["image_embd"]).max()))
+        rep.compare_image_embeddings(got["image_embd"], ref_out["image_embd"])
         rep.image_max_abs_logit = float(np.abs(got["image_last_logits"] - ref_out["image_last_logits"]).max())
         m = len(ref_out["image_cont"])
         rep.image_top1_agreement = float((got["image_argmax"][:m] == ref_out["image_cont"]).mean())
