@@ -16,11 +16,11 @@ from .common import BenchItem
 class GGUFBackend:
     name = "gguf"
 
-    def __init__(self, model: str, mmproj: str, threads: int = 0, n_ctx: int = 4096):
+    def __init__(self, model: str, mmproj: str, threads: int = 0, n_ctx: int = 4096, flash_attn: bool | None = None):
         from llavao1_edge.api import Reasoner
 
         self.model, self.mmproj = model, mmproj
-        self.reasoner = Reasoner(model, mmproj, n_threads=threads, n_ctx=n_ctx, n_seq_max=17)
+        self.reasoner = Reasoner(model, mmproj, n_threads=threads, n_ctx=n_ctx, n_seq_max=17, flash_attn=flash_attn)
 
     def answer(self, item: BenchItem, cfg: SearchConfig) -> Answer:
         t0 = time.perf_counter()

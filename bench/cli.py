@@ -2,6 +2,7 @@
 
 examples:
   llavao1-bench latency --search stage:4 --compare-reference
+  llavao1-bench batching --threads 2          # is a step with N sequences ~1x or ~Nx one? (search's price)
   llavao1-bench accuracy --data eval/records.jsonl --search greedy --limit 200
   llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
   llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 
+from llavao1_edge.engine import FLASH_ATTN
 from llavao1_edge.extras import require_extra, run_guarded
 
 
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="text model GGUF (default: the shipped model)")
         sp.add_argument("--mmproj", help="its projector GGUF")
         sp.add_argument("--threads", type=int, default=0)
+        sp.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto", help="llama.cpp flash attention")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -43,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--limit", type=int, default=5, help="questions to time (default %(default)s)")
     lat.add_argument("--compare-reference", action="store_true",
                      help="also time the paper-style implementation (every call re-evaluates prompt and image)")
+
+    bat = sub.add_parser("batching", help="ms per decode step with 1, 2, 4, 8 parallel sequences, and prefill speed",
+                         description="How a decode step's cost grows with parallel sequences (stage search decodes "
+                         "its N candidates as N sequences): about 1x one row when memory-bound (large models), "
+                         "about Nx when compute-bound (tiny models). Needs only the text model.")
+    bat.add_argument("--model", help="text model GGUF (default: the shipped model)")
+    bat.add_argument("--threads", type=int, default=0)
+    bat.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto", help="llama.cpp flash attention")
+    bat.add_argument("--rows", type=lambda s: tuple(int(x) for x in _csv(s)), default=(1, 2, 4, 8),
+                     help="parallel sequences per step (default 1,2,4,8)")
+    bat.add_argument("--prefix", type=int, default=256, help="shared prefix tokens (default %(default)s)")
+    bat.add_argument("--steps", type=int, default=64, help="timed steps per row count (default %(default)s)")
+    bat.add_argument("--json", action="store_true", help="print one JSON object")
 
     acc = sub.add_parser("accuracy", help="exact match of the CONCLUSION, per category, with a 95%% interval")
     model_args(acc)
@@ -89,6 +105,25 @@ def _default_questions(limit: int):
     return load_items(examples, limit)
 
 
+def _batching(args) -> int:
+    from llavao1_edge.api import shipped_model_paths
+    from llavao1_edge.engine import Engine, EngineConfig
+
+    from .batching import BatchingConfig, measure_batching
+    from .common import BenchError
+
+    if any(k < 1 for k in args.rows) or args.prefix < 1 or args.steps < 1:
+        raise BenchError("--rows, --prefix and --steps must be positive")
+    model = args.model or str(shipped_model_paths()[0])
+    cfg = BatchingConfig(rows=args.rows, prefix_tokens=args.prefix, steps=args.steps)
+    ecfg = EngineConfig(n_ctx=args.prefix + max(args.rows) * args.steps + 64, n_seq_max=max(args.rows) + 1,
+                        n_threads=args.threads, flash_attn=FLASH_ATTN[args.flash_attn])
+    with Engine(model, None, ecfg) as engine:
+        report = measure_batching(engine, cfg)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
 def _run(args) -> int:
     from .common import BenchError, load_items, parse_search
 
@@ -101,12 +136,14 @@ def _run(args) -> int:
         res = run_sweep(cfg, log=lambda s: print(s, file=sys.stderr))
         print(f"wrote {args.out}/results.csv, results.json, report.md and plots ({len(res['cells'])} cells)")
         return 0
+    if args.command == "batching":
+        return _batching(args)
     cfg = parse_search(args.search)
     model, mmproj = _model_paths(args)
     items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit or 5)
     from .backends import GGUFBackend
 
-    backend = GGUFBackend(model, mmproj, args.threads)
+    backend = GGUFBackend(model, mmproj, args.threads, flash_attn=FLASH_ATTN[args.flash_attn])
     try:
         if args.command == "latency":
             from .latency import run_latency
@@ -129,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         require_extra("llavao1-bench", "bench", ("matplotlib",))
     from llavao1_edge.api import ModelNotFound
+    from llavao1_edge.engine import EngineError
     from llavao1_edge.images import ImageError
     from llavao1_edge.modelfile import ModelFileError
     from llavao1_edge.records import RecordError
@@ -136,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from .common import BenchError
 
     return run_guarded("llavao1-bench", lambda: _run(args),
-                       (BenchError, RecordError, ModelFileError, ModelNotFound, ImageError, ValueError, OSError),
+                       (BenchError, RecordError, ModelFileError, ModelNotFound, ImageError, EngineError, ValueError,
+                        OSError),
                        "interrupted (a sweep continues where it stopped when run again)")
 
 

@@ -34,8 +34,8 @@ class LatencyReport:
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
     def to_json(self) -> dict:
-        keys = ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "total_s", "cached_ttft_s",
-                "cached_ttft_ratio")
+        keys = ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "decode_s", "judge_s", "total_s",
+                "cached_ttft_s", "cached_ttft_ratio")
         out = {"search": self.search, "n_runs": len(self.runs), "peak_rss_mb": self.peak_rss_mb,
                **{k: self.stat(k) for k in keys}, "runs": self.runs}
         if self.reference_runs:
@@ -48,7 +48,8 @@ class LatencyReport:
         d = self.to_json()
         lines = [f"search {self.search}: {d['n_runs']} runs, peak RSS {self.peak_rss_mb:.0f} MiB"]
         for key, unit in (("image_encode_s", "s"), ("prefill_tok_s", "tok/s"), ("decode_tok_s", "tok/s"),
-                          ("ttft_s", "s"), ("total_s", "s"), ("cached_ttft_s", "s"), ("cached_ttft_ratio", "")):
+                          ("ttft_s", "s"), ("decode_s", "s"), ("judge_s", "s"), ("total_s", "s"),
+                          ("cached_ttft_s", "s"), ("cached_ttft_ratio", "")):
             s = d.get(key)
             if s:
                 lines.append(f"  {key:<18} median {s['median']:.4g} {unit}  (min {s['min']:.4g}, max {s['max']:.4g})")
@@ -83,6 +84,7 @@ def run_latency(backend: GGUFBackend, items: list[BenchItem], cfg: SearchConfig,
                 "prefill_tok_s": tok.get("prompt_evaluated", 0) / t["prefill_s"] if t.get("prefill_s") else None,
                 "decode_tok_s": tok.get("generated", 0) / t["decode_s"] if t.get("decode_s") else None,
                 "ttft_s": t.get("first_token_s"), "cached_ttft_s": follow.timings.get("first_token_s"),
+                "decode_s": t.get("decode_s", 0.0), "judge_s": t.get("judge_s", 0.0),
                 "tokens": tok, "flags": t.get("flags", []),
             }
             if run["ttft_s"] and run["cached_ttft_s"]:

@@ -14,6 +14,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from .engine import FLASH_ATTN
 from .search import SELECTORS, STRATEGIES, SearchConfig
 from .stages import STAGE_BY_NAME
 
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     r.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1: all)")
     r.add_argument("--ctx", type=int, default=4096, help="KV cache size in tokens, shared by all candidates")
+    r.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto",
+                   help="llama.cpp flash attention (auto: llama.cpp decides; off is faster for tiny models on CPU)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     r.add_argument("-v", "--verbose", action="store_true", help="also show candidates, verdicts and timings")
@@ -100,7 +103,7 @@ def _run(args) -> int:
 
     cfg = _search_config(args)
     engine = {"n_threads": args.threads, "n_gpu_layers": args.gpu_layers, "n_ctx": args.ctx,
-              "n_seq_max": max(16, 2 * cfg.candidates + 1)}
+              "n_seq_max": max(16, 2 * cfg.candidates + 1), "flash_attn": FLASH_ATTN[args.flash_attn]}
     if args.print_config:
         print(json.dumps({"search": asdict(cfg), "engine": engine, "model": args.model, "mmproj": args.mmproj}, indent=2))
         return 0

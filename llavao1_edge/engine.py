@@ -40,6 +40,9 @@ class EngineConfig:
     verbose: bool = False  # let llama.cpp print its logs
 
 
+FLASH_ATTN = {"auto": None, "on": True, "off": False}  # CLI spelling -> EngineConfig.flash_attn
+
+
 class EngineError(RuntimeError):
     """llama.cpp refused or failed an operation (not a bad input file: see ModelFileError)."""
 

@@ -40,8 +40,9 @@ def test_latency_with_reference(trained, capsys):
     assert bench_main(["latency", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
                        "--search", "stage:2", "--limit", "2", "--repeats", "1", "--compare-reference", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    for key in ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "total_s", "cached_ttft_s"):
+    for key in ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "decode_s", "total_s", "cached_ttft_s"):
         assert doc[key]["median"] > 0, key
+    assert doc["judge_s"]["median"] >= 0
     assert doc["n_runs"] == 2 and doc["peak_rss_mb"] > 0
     assert doc["speedup_vs_reference"] > 1.0  # sharing the prefix beats re-evaluating everything
 
@@ -112,5 +113,21 @@ def test_sweep_with_hf_adds_onnx_and_transformers_rows(trained, tmp_path):
 
 
 def test_latency_defaults_to_the_shipped_model_and_examples(capsys):
-    assert bench_main(["latency", "--limit", "1", "--repeats", "1", "--threads", "2", "-q", "--json"]) == 0
+    assert bench_main(["latency", "--limit", "1", "--repeats", "1", "--threads", "2", "--flash-attn", "off",
+                       "-q", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_runs"] == 1
+
+
+def test_batching_reports_step_cost_per_row_count(trained, tmp_path, capsys):
+    assert bench_main(["batching", "--model", str(trained.gguf), "--threads", "2", "--rows", "1,2,4",
+                       "--prefix", "32", "--steps", "8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["rows"] for r in doc["rows"]] == [1, 2, 4] and doc["prefill_tok_s"] > 0
+    assert doc["rows"][0]["x_one_row"] == 1.0
+    for r in doc["rows"]:
+        assert r["ms_per_step"] > 0 and r["ms_per_row"] == pytest.approx(r["ms_per_step"] / r["rows"])
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    assert bench_main(["batching", "--model", str(bad)]) == 1
+    assert "bad.gguf" in capsys.readouterr().err
+    assert bench_main(["batching", "--rows", "0,2"]) == 1

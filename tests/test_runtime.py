@@ -344,7 +344,10 @@ def test_cli_errors(trained, tmp_path, capsys):
     assert cli.main(["info", str(bad)]) == 1
     assert "corrupt or truncated" in capsys.readouterr().err
     assert cli.main(["run", "x.png", "q", "--print-config"]) == 0
-    assert json.loads(capsys.readouterr().out)["search"]["strategy"] == "stage"
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["search"]["strategy"] == "stage" and resolved["engine"]["flash_attn"] is None
+    assert cli.main(["run", "x.png", "q", "--flash-attn", "off", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine"]["flash_attn"] is False
 
 
 def test_runtime_import_stays_light():

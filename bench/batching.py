@@ -1,0 +1,93 @@
+"""What a decode step costs as parallel sequences are added: the number that decides stage search's price.
+
+Stage search decodes its N candidates as N sequences in one llama.cpp batch. When a step is
+memory-bound (large models: every weight is read once per step whatever the batch), N rows cost
+about one, and search costs little more than greedy; when it is compute-bound (tiny models whose
+weights sit in cache), N rows cost nearly N times one. This measures which regime a model is in
+on this machine: milliseconds per step for k rows forked from one shared prefix, and prompt
+(prefill) speed for comparison.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+from llavao1_edge.engine import Engine
+
+_FILLER = " the small red circle is left of the large blue square and"  # any text: only the token count matters
+
+
+@dataclass
+class BatchingConfig:
+    rows: tuple[int, ...] = (1, 2, 4, 8)  # parallel sequences per step (1 is always measured: the unit)
+    prefix_tokens: int = 256  # shared prefix each sequence is forked from (like prompt + image)
+    steps: int = 64  # timed steps per row count
+    repeats: int = 3  # the median of this many timings is kept
+
+
+@dataclass
+class BatchingReport:
+    model: str
+    threads: int
+    flash_attn: bool | None
+    prefill_tok_s: float
+    rows: list[dict] = field(default_factory=list)  # {rows, ms_per_step, ms_per_row, x_one_row}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        fa = {None: "auto", True: "on", False: "off"}[self.flash_attn]
+        lines = [f"{self.model}: {self.threads} threads, flash attention {fa}; prefill {self.prefill_tok_s:.0f} tok/s",
+                 "  rows  ms/step  ms/row  x one row"]
+        lines += [f"  {r['rows']:>4}  {r['ms_per_step']:7.3f}  {r['ms_per_row']:6.3f}  {r['x_one_row']:9.2f}"
+                  for r in self.rows]
+        return "\n".join(lines)
+
+
+def _filler(engine: Engine, n: int) -> list[int]:
+    one = engine.tokenize(_FILLER, special=False)
+    return (one * (n // len(one) + 1))[:n]
+
+
+def measure_batching(engine: Engine, cfg: BatchingConfig | None = None) -> BatchingReport:
+    cfg = cfg or BatchingConfig()
+    ks = sorted(set(cfg.rows) | {1})
+    if max(cfg.rows) + 1 > engine.config.n_seq_max:
+        raise ValueError(f"{max(cfg.rows)} rows need n_seq_max >= {max(cfg.rows) + 1} (have {engine.config.n_seq_max})")
+    if cfg.prefix_tokens + max(cfg.rows) * cfg.steps > engine.config.n_ctx:  # every sequence appends its own cells
+        raise ValueError(f"prefix {cfg.prefix_tokens} + {max(cfg.rows)} x {cfg.steps} steps do not fit "
+                         f"n_ctx {engine.config.n_ctx}")
+    engine.clear_caches()
+    for s in range(engine.config.n_seq_max):
+        engine.drop(s)
+    prefix = _filler(engine, cfg.prefix_tokens)
+    prefill = []
+    for _ in range(cfg.repeats):
+        engine.drop(0)
+        t0 = time.perf_counter()
+        engine.decode_tokens(0, prefix, 0)
+        prefill.append(cfg.prefix_tokens / (time.perf_counter() - t0))
+    tokens = _filler(engine, cfg.steps)
+    timings: dict[int, list[float]] = {k: [] for k in ks}
+    for rep in range(cfg.repeats + 1):  # round 0 warms up (llama.cpp sizes its buffers per batch shape)
+        for k in ks:  # row counts interleaved, so drift in machine speed hits all alike
+            for q in range(1, k + 1):
+                engine.fork(0, q)  # shares the prefix's cells, as candidates do
+            t0 = time.perf_counter()
+            for i, tok in enumerate(tokens):
+                engine.step([(q, tok, cfg.prefix_tokens + i) for q in range(1, k + 1)])
+            if rep:
+                timings[k].append((time.perf_counter() - t0) / cfg.steps * 1e3)
+            for q in range(1, k + 1):
+                engine.drop(q)
+    rows = [{"rows": k, "ms_per_step": statistics.median(timings[k]),
+             "ms_per_row": statistics.median(timings[k]) / k} for k in ks]
+    one = rows[0]["ms_per_step"]
+    for r in rows:
+        r["x_one_row"] = r["ms_per_step"] / one
+    engine.drop(0)
+    return BatchingReport(engine.model_path, engine.config.n_threads, engine.config.flash_attn,
+                          statistics.median(prefill), rows)
