@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 
@@ -23,6 +24,9 @@ def run_guarded(prog: str, func, errors: tuple[type[BaseException], ...], interr
     """Run a command body: a user mistake (one of `errors`) is one line on stderr and exit code 1."""
     try:
         return func()
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except errors as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1

@@ -250,6 +250,7 @@ class _Search:
                 for lv in lvs:
                     lv.state = SeqState(q, pos + 1, lg)
             self.tokens["judge_generated" if mode == "verdict" else "generated"] += len(rows)
+            self.tokens["judge_decode_steps" if mode == "verdict" else "decode_steps"] += 1  # llama_decode calls
         for lv in lives:
             lv.cand.text += lv.decoder.decode(b"", final=True)
         return [lv.cand for lv in lives], [lv.state for lv in lives]

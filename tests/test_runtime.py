@@ -41,6 +41,7 @@ def test_stage_search_with_one_candidate_is_exactly_greedy(reasoner, questions):
         s = reasoner.ask(image, q, strategy="stage", candidates=1)
         assert _chosen_tokens(s) == _chosen_tokens(g)
         assert s.text == g.text and s.stages == g.stages
+        assert g.tokens["decode_steps"] == g.tokens["generated"]  # one sequence: one token per llama_decode
 
 
 def test_trained_model_answers_in_four_stages(reasoner, questions):
@@ -155,6 +156,7 @@ def test_stage_search_judges_and_records_everything(reasoner, questions):
     doc = json.loads(json.dumps(r.to_json()))
     assert set(doc["stages"]) == set(STAGE_NAMES) and "answer" in doc
     assert doc["timings"]["total_s"] > 0 and doc["tokens"]["prompt"] > 0
+    assert doc["tokens"]["decode_steps"] <= doc["tokens"]["generated"] <= 4 * doc["tokens"]["decode_steps"]
     checked = [c.check for s in r.steps if s.unit == "reasoning" for c in s.candidates if c.check is not None]
     texts = {c.unit_text for s in r.steps if s.unit == "reasoning" for c in s.candidates}
     assert checked or len(texts) == 1  # identical candidates need no judging
@@ -358,6 +360,17 @@ def test_runtime_import_stays_light():
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_closed_output_pipe_ends_quietly():
+    import subprocess
+
+    shipped = next(api.MODELS_DIR.glob("*/*.gguf"))
+    proc = subprocess.Popen([sys.executable, "-m", "llavao1_edge.cli", "info", str(shipped)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written, as with `| head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
 
 
 def test_shipped_model_answers_a_shipped_example(capsys):
