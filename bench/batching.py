@@ -5,11 +5,13 @@ memory-bound (large models: every weight is read once per step whatever the batc
 about one, and search costs little more than greedy; when it is compute-bound (tiny models whose
 weights sit in cache), N rows cost nearly N times one. This measures which regime a model is in
 on this machine: milliseconds per step for k rows forked from one shared prefix, and prompt
-(prefill) speed for comparison.
+(prefill) speed for comparison. `write_random_llama` makes a laptop-size model to compare with,
+offline: random weights (timing only), the shipped model's tokenizer.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,3 +93,55 @@ def measure_batching(engine: Engine, cfg: BatchingConfig | None = None) -> Batch
     engine.drop(0)
     return BatchingReport(engine.model_path, engine.config.n_threads, engine.config.flash_attn,
                           statistics.median(prefill), rows)
+
+
+def write_random_llama(path: str | os.PathLike, like: str | os.PathLike, width: int = 2048, layers: int = 12,
+                       ffn: int = 5632, heads: int = 32, kv_heads: int = 4, seed: int = 0) -> None:
+    """A Llama GGUF with random F16 weights at the given widths, for timing only; metadata and
+    tokenizer are copied from `like` (a llama-architecture GGUF). Written to a temporary name, then renamed."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(like)
+    arch = reader.fields["general.architecture"].contents()
+    if arch != "llama":
+        raise ValueError(f"{like}: architecture {arch!r}; a llama GGUF is needed to copy the tokenizer from")
+    dims = {"embedding_length": width, "block_count": layers, "feed_forward_length": ffn,
+            "attention.head_count": heads, "attention.head_count_kv": kv_heads, "rope.dimension_count": width // heads}
+    tmp = f"{path}.tmp"
+    w = GGUFWriter(tmp, "llama")
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        name = key.removeprefix("llama.")
+        if name in dims:
+            w.add_uint32(key, dims[name])
+        elif f.types[0] == GGUFValueType.ARRAY:
+            w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, f.contents(), f.types[0])
+    vocab = int(reader.fields["llama.vocab_size"].contents())
+    rng = np.random.default_rng(seed)
+
+    def mat(rows: int, cols: int) -> np.ndarray:  # [out, in], scaled so activations stay finite
+        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float16)
+
+    kv = kv_heads * (width // heads)
+    w.add_tensor("token_embd.weight", mat(vocab, width))
+    w.add_tensor("output_norm.weight", np.ones(width, np.float32))
+    w.add_tensor("output.weight", mat(vocab, width))
+    for b in range(layers):
+        for name, t in (("attn_norm", np.ones(width, np.float32)), ("attn_q", mat(width, width)),
+                        ("attn_k", mat(kv, width)), ("attn_v", mat(kv, width)), ("attn_output", mat(width, width)),
+                        ("ffn_norm", np.ones(width, np.float32)), ("ffn_gate", mat(ffn, width)),
+                        ("ffn_up", mat(ffn, width)), ("ffn_down", mat(width, ffn))):
+            w.add_tensor(f"blk.{b}.{name}.weight", t)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

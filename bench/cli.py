@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 
 from llavao1_edge.engine import FLASH_ATTN
 from llavao1_edge.extras import require_extra, run_guarded
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "its N candidates as N sequences): about 1x one row when memory-bound (large models), "
                          "about Nx when compute-bound (tiny models). Needs only the text model.")
     bat.add_argument("--model", help="text model GGUF (default: the shipped model)")
+    bat.add_argument("--random", metavar="WIDTHxLAYERS",
+                     help="measure a random-weight Llama of this size instead (e.g. 2048x12, ~0.5 B parameters: "
+                     "how a laptop-size model behaves; needs ~2 bytes per parameter of temporary disk)")
     bat.add_argument("--threads", type=int, default=0)
     bat.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto", help="llama.cpp flash attention")
     bat.add_argument("--rows", type=lambda s: tuple(int(x) for x in _csv(s)), default=(1, 2, 4, 8),
@@ -105,11 +110,23 @@ def _default_questions(limit: int):
     return load_items(examples, limit)
 
 
+def _random_size(spec: str) -> tuple[int, int]:
+    from .common import BenchError
+
+    try:
+        width, layers = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise BenchError(f"--random {spec!r}: expected WIDTHxLAYERS, e.g. 2048x12") from None
+    if width < 64 or width % 64 or not 1 <= layers <= 200:
+        raise BenchError(f"--random {spec!r}: width must be a multiple of 64, layers 1..200")
+    return width, layers
+
+
 def _batching(args) -> int:
     from llavao1_edge.api import shipped_model_paths
     from llavao1_edge.engine import Engine, EngineConfig
 
-    from .batching import BatchingConfig, measure_batching
+    from .batching import BatchingConfig, measure_batching, write_random_llama
     from .common import BenchError
 
     if any(k < 1 for k in args.rows) or args.prefix < 1 or args.steps < 1:
@@ -118,8 +135,15 @@ def _batching(args) -> int:
     cfg = BatchingConfig(rows=args.rows, prefix_tokens=args.prefix, steps=args.steps)
     ecfg = EngineConfig(n_ctx=args.prefix + max(args.rows) * args.steps + 64, n_seq_max=max(args.rows) + 1,
                         n_threads=args.threads, flash_attn=FLASH_ATTN[args.flash_attn])
-    with Engine(model, None, ecfg) as engine:
-        report = measure_batching(engine, cfg)
+    with tempfile.TemporaryDirectory(prefix="llavao1-batching-") as tmp:
+        if args.random:
+            width, layers = _random_size(args.random)
+            print(f"writing a random-weight Llama {width} wide x {layers} layers ...", file=sys.stderr)
+            model = os.path.join(tmp, f"random-llama-{width}x{layers}-f16.gguf")
+            write_random_llama(model, args.model or shipped_model_paths()[0], width, layers,
+                               ffn=width * 11 // 4 // 256 * 256, heads=max(1, width // 64), kv_heads=max(1, width // 512))
+        with Engine(model, None, ecfg) as engine:
+            report = measure_batching(engine, cfg)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
 

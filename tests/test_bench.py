@@ -131,3 +131,10 @@ def test_batching_reports_step_cost_per_row_count(trained, tmp_path, capsys):
     assert bench_main(["batching", "--model", str(bad)]) == 1
     assert "bad.gguf" in capsys.readouterr().err
     assert bench_main(["batching", "--rows", "0,2"]) == 1
+    assert bench_main(["batching", "--random", "2048"]) == 1
+    capsys.readouterr()
+    # a random-weight Llama of another size, written and loaded offline (tokenizer from --model)
+    assert bench_main(["batching", "--model", str(trained.gguf), "--random", "128x2", "--rows", "2",
+                       "--prefix", "16", "--steps", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "random-llama-128x2" in doc["model"] and [r["rows"] for r in doc["rows"]] == [1, 2]

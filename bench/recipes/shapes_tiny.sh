@@ -33,12 +33,15 @@ if [ -f "$D/final-f16.gguf" ] && [ ! -f "$OUT/accuracy_direct_f16.json" ]; then
         --data "$EVAL/records.jsonl" --search greedy --json -q > "$OUT/accuracy_direct_f16.json.tmp"
     mv "$OUT/accuracy_direct_f16.json.tmp" "$OUT/accuracy_direct_f16.json"
 fi
-# 4. latency of the search against greedy and against the paper-style implementation (shipped examples)
-for s in greedy stage:2 stage:4; do
-    f="$OUT/latency_${s/:/_}.json"
-    [ -f "$f" ] || { llavao1-bench latency --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
-        --search "$s" --limit 8 --repeats 2 $([ "$s" = greedy ] || echo --compare-reference) --json -q > "$f.tmp" \
-        && mv "$f.tmp" "$f"; }
+# 4. latency of the search against greedy and against the paper-style implementation (shipped examples),
+# with llama.cpp's flash attention left to llama.cpp (auto: on for CPU) and off
+for fa in auto off; do
+    for s in greedy stage:2 stage:4; do
+        f="$OUT/latency_${s/:/_}$([ "$fa" = auto ] || echo "_fa-$fa").json"
+        [ -f "$f" ] || { llavao1-bench latency --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+            --search "$s" --limit 8 --repeats 2 --flash-attn "$fa" $([ "$s" = greedy ] || echo --compare-reference) \
+            --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
+    done
 done
 cp "$G/verify.txt" "$OUT/verify.txt"
 cp "$RUN/train-structured/log.jsonl" "$OUT/train_log.jsonl"
