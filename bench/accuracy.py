@@ -34,6 +34,7 @@ class AccuracyReport:
     failures: list[dict]
     seconds: float
     mean_answer_s: float
+    judge_picks: dict[str, int] = field(default_factory=dict)  # which of two responses the judge chose: position bias
 
     @property
     def accuracy(self) -> float:
@@ -43,12 +44,16 @@ class AccuracyReport:
         lo, hi = wilson_interval(self.correct, self.n)
         return {"accuracy": self.accuracy, "ci95": [lo, hi], "n": self.n, "correct": self.correct,
                 "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
-                "mean_answer_s": self.mean_answer_s}
+                "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
         lines = [f"accuracy {self.accuracy:.3f} ({self.correct}/{self.n}), 95% CI [{lo:.3f}, {hi:.3f}], "
                  f"{self.mean_answer_s:.2f} s per question"]
+        pairs = sum(self.judge_picks.values())
+        if pairs:
+            lines.append(f"  judge chose the first of two responses in {self.judge_picks['first']}/{pairs} pairs "
+                         f"({self.judge_picks['first'] / pairs:.0%}; an unbiased judge: about 50%)")
         for cat, d in sorted(self.by_category.items()):
             lines.append(f"  {cat:<20} {d['accuracy']:.3f} ({d['correct']}/{d['n']}) CI [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]")
         if self.failures:
@@ -65,9 +70,12 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     t0 = time.perf_counter()
     cats: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     failures, correct, spent = [], 0, 0.0
+    picks = {"first": 0, "second": 0}
     for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
         ans = answer(item)
         spent += ans.seconds
+        for k, v in ans.timings.get("judge_picks", {}).items():
+            picks[k] += v
         got = extract_prediction(ans.text)
         ok = is_correct(got, item.reference, item.choices)
         correct += ok
@@ -79,4 +87,4 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     by_cat = {c: {"accuracy": k / n, "correct": k, "n": n, "ci95": list(wilson_interval(k, n))}
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
-                          spent / max(1, len(items)))
+                          spent / max(1, len(items)), picks)

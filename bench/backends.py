@@ -25,7 +25,10 @@ class GGUFBackend:
     def answer(self, item: BenchItem, cfg: SearchConfig) -> Answer:
         t0 = time.perf_counter()
         res = self.reasoner.ask(item.image, item.question, cfg)
-        return Answer(res.text, time.perf_counter() - t0, {**res.timings, "tokens": res.tokens, "flags": res.flags})
+        made = [j for s in res.steps for j in s.judgements]
+        picks = {"first": sum(j.winner == j.first for j in made), "second": sum(j.winner == j.second for j in made)}
+        return Answer(res.text, time.perf_counter() - t0,
+                      {**res.timings, "tokens": res.tokens, "flags": res.flags, "judge_picks": picks})
 
     def close(self) -> None:
         self.reasoner.close()

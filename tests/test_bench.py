@@ -28,6 +28,16 @@ def test_accuracy_on_jsonl(trained, capsys):
     assert all({"question", "expected", "got"} <= set(f) for f in doc["failures"])
 
 
+def test_accuracy_reports_which_response_the_judge_picks(trained, capsys):
+    assert bench_main(["accuracy", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
+                       "--search", "stage:4", "--limit", "4", "--json"]) == 0
+    picks = json.loads(capsys.readouterr().out)["judge_picks"]
+    assert set(picks) == {"first", "second"} and all(v >= 0 for v in picks.values())
+    assert bench_main(["accuracy", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
+                       "--search", "greedy", "--limit", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["judge_picks"] == {"first": 0, "second": 0}  # greedy judges nothing
+
+
 def test_accuracy_on_vlmevalkit_tsv(trained, tmp_path, capsys):
     path = write_dataset(ShapesConfig(n=6, seed=7, split="eval", kinds=("cot",), format="tsv",
                                       families=("count_color", "attribute", "compare")), tmp_path / "tsv", progress=False)

@@ -11,9 +11,9 @@ RUN=${1:-runs/shapes-tiny}
 VARIANT=${2:-structured}
 N=${SHAPES_N:-16000}           # training questions (one image each)
 EPOCHS=${SHAPES_EPOCHS:-3}           # used only when SHAPES_MAX_STEPS=0
-# Optimizer steps (batch 16). structured: 2,800 steps = 1.76 passes over its 25,426 records (16,000
-# questions + judge examples); direct: 1,760 steps = the same 1.76 passes over its 16,000 records.
-if [ "$VARIANT" = direct ]; then MAX_STEPS=${SHAPES_MAX_STEPS:-1760}; else MAX_STEPS=${SHAPES_MAX_STEPS:-2800}; fi
+# Optimizer steps (batch 16). structured: 4,000 steps = 2.52 passes over its 25,426 records (16,000
+# questions + judge examples); direct: 2,520 steps = the same 2.52 passes over its 16,000 records.
+if [ "$VARIANT" = direct ]; then MAX_STEPS=${SHAPES_MAX_STEPS:-2520}; else MAX_STEPS=${SHAPES_MAX_STEPS:-4000}; fi
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
@@ -41,7 +41,7 @@ if [ "${SHAPES_SHIP:-0}" = 1 ] && [ "$VARIANT" = structured ]; then  # install i
     DEST="$(dirname "$0")/../../llavao1_edge/models/shapes-tiny"
     mkdir -p "$DEST"
     cp "$GGUF/final-f16.gguf" "$DEST/shapes-tiny-f16.gguf"
-    cp "$GGUF/final-${SHAPES_SHIP_QUANT:-Q8_0}.gguf" "$DEST/shapes-tiny-${SHAPES_SHIP_QUANT:-Q8_0}.gguf"
+    cp "$GGUF/final-${SHAPES_SHIP_QUANT:-Q4_K_M}.gguf" "$DEST/shapes-tiny-${SHAPES_SHIP_QUANT:-Q4_K_M}.gguf"
     cp "$GGUF/mmproj-final-f16.gguf" "$DEST/mmproj-shapes-tiny-f16.gguf"
     echo "shipped into $DEST"
 fi
