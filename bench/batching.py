@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-from llavao1_edge.engine import Engine
+from llavao1_edge.engine import Engine, EngineConfig
 
 _FILLER = " the small red circle is left of the large blue square and"  # any text: only the token count matters
 
@@ -27,6 +27,11 @@ class BatchingConfig:
     prefix_tokens: int = 256  # shared prefix each sequence is forked from (like prompt + image)
     steps: int = 64  # timed steps per row count
     repeats: int = 3  # the median of this many timings is kept
+
+    def engine_config(self, n_threads: int = 0, flash_attn: bool | None = None) -> EngineConfig:
+        """A context just large enough: every sequence appends its own cells after the shared prefix."""
+        return EngineConfig(n_ctx=self.prefix_tokens + max(self.rows) * self.steps + 64, n_seq_max=max(self.rows) + 1,
+                            n_threads=n_threads, flash_attn=flash_attn)
 
 
 @dataclass
@@ -85,11 +90,8 @@ def measure_batching(engine: Engine, cfg: BatchingConfig | None = None) -> Batch
                 timings[k].append((time.perf_counter() - t0) / cfg.steps * 1e3)
             for q in range(1, k + 1):
                 engine.drop(q)
-    rows = [{"rows": k, "ms_per_step": statistics.median(timings[k]),
-             "ms_per_row": statistics.median(timings[k]) / k} for k in ks]
-    one = rows[0]["ms_per_step"]
-    for r in rows:
-        r["x_one_row"] = r["ms_per_step"] / one
+    ms = {k: statistics.median(timings[k]) for k in ks}
+    rows = [{"rows": k, "ms_per_step": ms[k], "ms_per_row": ms[k] / k, "x_one_row": ms[k] / ms[1]} for k in ks]
     engine.drop(0)
     return BatchingReport(engine.model_path, engine.config.n_threads, engine.config.flash_attn,
                           statistics.median(prefill), rows)

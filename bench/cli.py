@@ -124,7 +124,7 @@ def _random_size(spec: str) -> tuple[int, int]:
 
 def _batching(args) -> int:
     from llavao1_edge.api import shipped_model_paths
-    from llavao1_edge.engine import Engine, EngineConfig
+    from llavao1_edge.engine import Engine
 
     from .batching import BatchingConfig, measure_batching, write_random_llama
     from .common import BenchError
@@ -133,16 +133,14 @@ def _batching(args) -> int:
         raise BenchError("--rows, --prefix and --steps must be positive")
     model = args.model or str(shipped_model_paths()[0])
     cfg = BatchingConfig(rows=args.rows, prefix_tokens=args.prefix, steps=args.steps)
-    ecfg = EngineConfig(n_ctx=args.prefix + max(args.rows) * args.steps + 64, n_seq_max=max(args.rows) + 1,
-                        n_threads=args.threads, flash_attn=FLASH_ATTN[args.flash_attn])
     with tempfile.TemporaryDirectory(prefix="llavao1-batching-") as tmp:
-        if args.random:
+        if args.random:  # --model (or the shipped model) only lends its tokenizer
             width, layers = _random_size(args.random)
             print(f"writing a random-weight Llama {width} wide x {layers} layers ...", file=sys.stderr)
-            model = os.path.join(tmp, f"random-llama-{width}x{layers}-f16.gguf")
-            write_random_llama(model, args.model or shipped_model_paths()[0], width, layers,
-                               ffn=width * 11 // 4 // 256 * 256, heads=max(1, width // 64), kv_heads=max(1, width // 512))
-        with Engine(model, None, ecfg) as engine:
+            like, model = model, os.path.join(tmp, f"random-llama-{width}x{layers}-f16.gguf")
+            write_random_llama(model, like, width, layers, ffn=width * 11 // 4 // 256 * 256,
+                               heads=max(1, width // 64), kv_heads=max(1, width // 512))
+        with Engine(model, None, cfg.engine_config(args.threads, FLASH_ATTN[args.flash_attn])) as engine:
             report = measure_batching(engine, cfg)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
