@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and report a count instead of stopping")
     p.add_argument("--tokenizer-vocab", type=int, help="--init: BPE vocabulary size")
+    p.add_argument("--pretrain-vision-steps", type=int, default=0, metavar="N",
+                   help="--init: first train the vision tower N steps to find the objects of the records' scene "
+                        "graphs (meta.scene, from llavao1-data shapes), standing in for a pretrained encoder")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, eval_data=args.eval_data, eval_every=args.eval_every, eval_limit=args.eval_limit,
         log_every=args.log_every, device=args.device, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
-        skip_bad=args.skip_bad, tokenizer_vocab=args.tokenizer_vocab, progress=False if args.quiet else None)
+        skip_bad=args.skip_bad, tokenizer_vocab=args.tokenizer_vocab,
+        vision_pretrain_steps=args.pretrain_vision_steps, progress=False if args.quiet else None)
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))
         return 0

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from llavao1_edge.answers import is_correct
+from llavao1_edge.images import ImageError
 from llavao1_edge.records import IMAGE_TOKEN
 from llavao1_edge.stages import parse_answer
 
@@ -42,6 +43,7 @@ from .model import (
     save_checkpoint,
 )
 from .tokenizer import train_tokenizer
+from .vision_pretrain import VisionPretrainConfig, pretrain_vision
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -76,6 +78,7 @@ class TrainConfig:
     grad_checkpointing: bool | None = None  # None: on for CUDA
     seed: int = 0
     skip_bad: bool = False
+    vision_pretrain_steps: int = 0  # --init only: dense-pretrain the tower on the records' scene graphs first
     tokenizer_vocab: int | None = None  # --init only: BPE vocabulary size (default from the config)
     progress: bool | None = None  # None: a bar on terminals
 
@@ -290,6 +293,8 @@ def train(cfg: TrainConfig) -> Path:
     """Run training; returns OUT/final."""
     if bool(cfg.init) == bool(cfg.model):
         raise TrainError("give exactly one of --init NAME or --model HF_DIR")
+    if cfg.vision_pretrain_steps and not cfg.init:
+        raise TrainError("--pretrain-vision-steps applies to from-scratch models (--init) only")
     rank, world, local_rank = _dist()
     device = pick_device(cfg.device, local_rank)
     if world > 1:
@@ -334,6 +339,8 @@ def train(cfg: TrainConfig) -> Path:
         for r, ex in zip(erecs, build(erecs, cfg.eval_data), strict=False):
             ref = r.meta.get("answer") or parse_answer(r.answer).conclusion or r.answer
             eval_examples.append((ex, ref))
+    if cfg.vision_pretrain_steps and not (cfg.resume and latest_checkpoint(out) is not None):
+        _pretrain_tower(cfg, model, spec, records, root, ispec, device, out, rank, world)
     model = _apply_training_mode(model, cfg).to(device)
     if cfg.grad_checkpointing or (cfg.grad_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -441,6 +448,31 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, ispec: ImageSpec, device, out: Path,
+                    rank: int, world: int) -> None:
+    """Dense-pretrain the vision tower once into OUT/vision_pretrain.safetensors (rank 0); a
+    restarted run and the other ranks load that file instead."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "vision_pretrain.safetensors"
+    tower = model.model.vision_tower.to(device)
+    if rank == 0 and not path.is_file():
+        vcfg = VisionPretrainConfig(steps=cfg.vision_pretrain_steps, log_every=cfg.log_every, seed=cfg.seed)
+        try:
+            pretrain_vision(tower, records, root, ispec, spec.feature_layer, vcfg, device,
+                            log=lambda obj: _log(out, obj), progress=cfg.progress)
+        except ImageError as e:
+            raise TrainError(f"vision pretraining: {e}") from None
+        tmp = out / f".vision_pretrain.tmp-{os.getpid()}"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    tower.load_state_dict(load_file(str(path), device=str(device)))
 
 
 def param_checksum(model) -> str:
