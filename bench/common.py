@@ -58,8 +58,11 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[BenchI
 
 
 def parse_search(spec: str) -> SearchConfig:
-    """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob' -> a SearchConfig."""
-    parts = spec.strip().split(":")
+    """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob', 'stage:4+greedy' -> a SearchConfig
+    ('+greedy': candidate 0 is decoded greedily)."""
+    spec = spec.strip()
+    anchor = spec.endswith("+greedy")
+    parts = spec.removesuffix("+greedy").split(":")
     strategy = parts[0]
     if strategy not in STRATEGIES:
         raise BenchError(f"search setting {spec!r}: strategy must be one of {', '.join(STRATEGIES)}")
@@ -73,14 +76,18 @@ def parse_search(spec: str) -> SearchConfig:
             raise BenchError(f"search setting {spec!r}: selector must be one of {', '.join(SELECTORS)}")
         cfg.selector = parts[2]
     if len(parts) > 3:
-        raise BenchError(f"search setting {spec!r}: expected STRATEGY[:N[:SELECTOR]]")
+        raise BenchError(f"search setting {spec!r}: expected STRATEGY[:N[:SELECTOR]][+greedy]")
+    if anchor and strategy not in ("stage", "best-of-n"):
+        raise BenchError(f"search setting {spec!r}: +greedy applies to stage and best-of-n")
+    cfg.greedy_candidate = anchor
     return cfg
 
 
 def search_label(cfg: SearchConfig) -> str:
     if cfg.strategy == "greedy":
         return "greedy"
-    return f"{cfg.strategy}:{cfg.candidates}" + ("" if cfg.selector == "judge" else f":{cfg.selector}")
+    return (f"{cfg.strategy}:{cfg.candidates}" + ("" if cfg.selector == "judge" else f":{cfg.selector}")
+            + ("+greedy" if cfg.greedy_candidate else ""))
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -49,6 +49,7 @@ class SearchConfig:
     selector: str = "judge"  # judge | logprob | vote
     temperature: float = 0.6  # candidate sampling (the paper's setting)
     top_p: float = 0.9
+    greedy_candidate: bool = False  # candidate 0 decodes greedily: the selector can always keep greedy's text
     judge_temperature: float = 0.0  # verdicts decoded greedily: deterministic, and best for small judges
     max_stage_tokens: int = 512  # budget per stage (stage, sentence)
     max_answer_tokens: int = 2048  # budget for a whole answer (greedy, best-of-n)
@@ -212,7 +213,8 @@ class _Search:
         lives = []
         stream_id = zlib.crc32(repr(seed_path).encode())  # every (step, candidate) has its own stream
         for k, st in enumerate(starts):
-            rng = np.random.default_rng([self.cfg.seed, stream_id, k]) if temperature > 0 else None
+            sampled = temperature > 0 and not (k == 0 and self.cfg.greedy_candidate and mode != "verdict")
+            rng = np.random.default_rng([self.cfg.seed, stream_id, k]) if sampled else None
             lives.append(_Live(Candidate(k, "", [], 0.0, ""), st, rng, StageStreamParser(), Engine.text_decoder()))
         # Candidates that sampled the same tokens so far share one sequence; a new sequence is forked
         # only where they diverge, so a confident model pays for one stream, not N.

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llavao1_bench.cli import main as bench_main
-from llavao1_bench.common import BenchError, load_items, parse_search, wilson_interval
+from llavao1_bench.common import BenchError, load_items, parse_search, search_label, wilson_interval
 from llavao1_bench.paper_search import PaperStyleSearch
 from llavao1_bench.plots import pareto_front
 from llavao1_edge.api import Reasoner
@@ -102,8 +102,12 @@ def test_search_specs_and_stats():
     assert parse_search("stage:4").candidates == 4
     assert parse_search("best-of-n:3:vote").selector == "vote"
     assert parse_search("greedy").strategy == "greedy"
-    with pytest.raises(BenchError):
-        parse_search("stage:x")
+    anchored = parse_search("stage:4:logprob+greedy")
+    assert anchored.greedy_candidate and anchored.selector == "logprob" and not parse_search("stage:4").greedy_candidate
+    assert search_label(anchored) == "stage:4:logprob+greedy"
+    for bad in ("stage:x", "greedy+greedy", "sentence:4+greedy"):
+        with pytest.raises(BenchError):
+            parse_search(bad)
     lo, hi = wilson_interval(45, 50)
     assert 0.78 < lo < 0.9 < hi < 0.97
     assert wilson_interval(0, 10)[0] == 0.0

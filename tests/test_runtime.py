@@ -44,6 +44,17 @@ def test_stage_search_with_one_candidate_is_exactly_greedy(reasoner, questions):
         assert g.tokens["decode_steps"] == g.tokens["generated"]  # one sequence: one token per llama_decode
 
 
+def test_greedy_candidate_is_greedy_decoding(reasoner, questions):
+    for image, q, _ in questions[:3]:
+        g = reasoner.ask(image, q, strategy="greedy")
+        b = reasoner.ask(image, q, strategy="best-of-n", candidates=3, selector="logprob", greedy_candidate=True)
+        assert b.steps[0].candidates[0].text == g.text  # the whole answer, token for token
+        s = reasoner.ask(image, q, strategy="stage", candidates=3, selector="logprob", greedy_candidate=True)
+        summary = s.steps[0].candidates[0]
+        assert summary.tokens == g.steps[0].candidates[0].tokens[:len(summary.tokens)]  # greedy's first stage
+        assert summary.text.strip() and summary.finish == "closed"
+
+
 def test_trained_model_answers_in_four_stages(reasoner, questions):
     results = [reasoner.ask(img, q, strategy="greedy") for img, q, _ in questions]
     formed = sum(r.parsed.well_formed for r in results)
