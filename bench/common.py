@@ -57,12 +57,14 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[BenchI
     return items
 
 
+_SEARCH_OPTIONS = {"greedy": "greedy_candidate", "swap": "judge_both_orders"}  # spec suffix -> SearchConfig field
+
+
 def parse_search(spec: str) -> SearchConfig:
-    """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob', 'stage:4+greedy' -> a SearchConfig
-    ('+greedy': candidate 0 is decoded greedily)."""
-    spec = spec.strip()
-    anchor = spec.endswith("+greedy")
-    parts = spec.removesuffix("+greedy").split(":")
+    """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob', 'stage:4+greedy+swap' -> a SearchConfig.
+    Suffixes: +greedy (candidate 1 decoded greedily), +swap (the judge asked both orders)."""
+    base, *options = spec.strip().split("+")
+    parts = base.split(":")
     strategy = parts[0]
     if strategy not in STRATEGIES:
         raise BenchError(f"search setting {spec!r}: strategy must be one of {', '.join(STRATEGIES)}")
@@ -76,10 +78,13 @@ def parse_search(spec: str) -> SearchConfig:
             raise BenchError(f"search setting {spec!r}: selector must be one of {', '.join(SELECTORS)}")
         cfg.selector = parts[2]
     if len(parts) > 3:
-        raise BenchError(f"search setting {spec!r}: expected STRATEGY[:N[:SELECTOR]][+greedy]")
-    if anchor and strategy not in ("stage", "best-of-n"):
-        raise BenchError(f"search setting {spec!r}: +greedy applies to stage and best-of-n")
-    cfg.greedy_candidate = anchor
+        raise BenchError(f"search setting {spec!r}: expected STRATEGY[:N[:SELECTOR]][+greedy][+swap]")
+    for opt in options:
+        if opt not in _SEARCH_OPTIONS:
+            raise BenchError(f"search setting {spec!r}: unknown option +{opt}; known: +greedy, +swap")
+        if strategy not in ("stage", "best-of-n"):
+            raise BenchError(f"search setting {spec!r}: +{opt} applies to stage and best-of-n")
+        setattr(cfg, _SEARCH_OPTIONS[opt], True)
     return cfg
 
 
@@ -87,7 +92,7 @@ def search_label(cfg: SearchConfig) -> str:
     if cfg.strategy == "greedy":
         return "greedy"
     return (f"{cfg.strategy}:{cfg.candidates}" + ("" if cfg.selector == "judge" else f":{cfg.selector}")
-            + ("+greedy" if cfg.greedy_candidate else ""))
+            + "".join(f"+{opt}" for opt, name in _SEARCH_OPTIONS.items() if getattr(cfg, name)))
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

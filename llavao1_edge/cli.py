@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling (default %(default)s)")
     r.add_argument("--greedy-candidate", action="store_true",
                    help="decode candidate 1 greedily and sample the others, so the search can keep greedy's text")
+    r.add_argument("--judge-both-orders", action="store_true",
+                   help="judge each pair twice with the responses swapped (twice the judging); "
+                   "a split verdict goes to the candidate with the higher mean log-probability")
     r.add_argument("--seed", type=int, default=d.seed, help="random seed; the same seed gives the same answer")
     r.add_argument("--max-stage-tokens", type=int, default=d.max_stage_tokens, help="token budget per stage")
     r.add_argument("--timeout", type=float, help="stop after this many seconds and print what is done")
@@ -70,7 +73,8 @@ def _search_config(args) -> SearchConfig:
     cfg = SearchConfig(strategy=args.search, candidates=args.candidates, selector=args.selector,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                        max_stage_tokens=args.max_stage_tokens, timeout_s=args.timeout,
-                       force_format=args.force_format, greedy_candidate=args.greedy_candidate)
+                       force_format=args.force_format, greedy_candidate=args.greedy_candidate,
+                       judge_both_orders=args.judge_both_orders)
     cfg.validate()
     return cfg
 

@@ -54,6 +54,7 @@ class SearchConfig:
     max_stage_tokens: int = 512  # budget per stage (stage, sentence)
     max_answer_tokens: int = 2048  # budget for a whole answer (greedy, best-of-n)
     max_judge_tokens: int = 64  # a verdict is one sentence
+    judge_both_orders: bool = False  # ask each pair twice, swapped; a split verdict goes to the higher mean logprob
     reasoning_check: bool = True  # the paper's correctness check before the reasoning knockout
     seed: int = 0
     force_format: bool | None = None  # force stage tags; None: only when the GGUF lacks our stage metadata
@@ -328,13 +329,22 @@ class _Search:
         return pool[0], judgements
 
     def _judge_pairs(self, unit: str, cands: list[Candidate], pairs, context) -> Iterator[Event]:
+        asked = pairs + ([(b, a) for a, b in pairs] if self.cfg.judge_both_orders else [])
         prompts = [self._prompt(pairwise_prompt(unit, self.question, cands[a].unit_text, cands[b].unit_text,
-                                                context), with_image=True) for a, b in pairs]
+                                                context), with_image=True) for a, b in asked]
         verdicts = yield from self._ask_judge(prompts)
         out = []
-        for (a, b), v in zip(pairs, verdicts, strict=True):
+        for (a, b), v in zip(pairs, verdicts, strict=False):
             choice = parse_pairwise_verdict(v)
             out.append(Judgement(a, b, a if choice == 1 else b, v, choice is not None))
+        if self.cfg.judge_both_orders:  # the swapped verdicts, from the second half of the batch
+            for j, v in zip(out, verdicts[len(pairs):], strict=True):
+                choice = parse_pairwise_verdict(v)
+                swapped_winner = j.second if choice == 1 else j.first
+                j.verdict += " | swapped: " + v
+                j.parsed = j.parsed and choice is not None
+                if swapped_winner != j.winner:  # the judge followed the position, not the content
+                    j.winner = max((j.first, j.second), key=lambda i: cands[i].mean_logprob)
         return out
 
     def _reasoning_checks(self, cands: list[Candidate], context) -> Iterator[Event]:

@@ -105,7 +105,8 @@ def test_search_specs_and_stats():
     anchored = parse_search("stage:4:logprob+greedy")
     assert anchored.greedy_candidate and anchored.selector == "logprob" and not parse_search("stage:4").greedy_candidate
     assert search_label(anchored) == "stage:4:logprob+greedy"
-    for bad in ("stage:x", "greedy+greedy", "sentence:4+greedy"):
+    assert search_label(parse_search("stage:4+swap+greedy")) == "stage:4+greedy+swap"
+    for bad in ("stage:x", "greedy+greedy", "sentence:4+greedy", "stage:4+fast"):
         with pytest.raises(BenchError):
             parse_search(bad)
     lo, hi = wilson_interval(45, 50)

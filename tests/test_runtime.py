@@ -12,6 +12,7 @@ from PIL import Image
 from llavao1_edge import api, cli
 from llavao1_edge.engine import Engine, EngineConfig, EngineError
 from llavao1_edge.images import ImageError, load_image
+from llavao1_edge.judge import parse_pairwise_verdict
 from llavao1_edge.modelfile import ModelFileError
 from llavao1_edge.records import read_records
 from llavao1_edge.search import SearchConfig, run_search, search_events
@@ -53,6 +54,24 @@ def test_greedy_candidate_is_greedy_decoding(reasoner, questions):
         summary = s.steps[0].candidates[0]
         assert summary.tokens == g.steps[0].candidates[0].tokens[:len(summary.tokens)]  # greedy's first stage
         assert summary.text.strip() and summary.finish == "closed"
+
+
+def test_judging_both_orders_asks_every_pair_swapped(reasoner, questions):
+    image, q, _ = questions[0]
+    one = reasoner.ask(image, q, strategy="best-of-n", candidates=4, temperature=1.5, seed=3)
+    both = reasoner.ask(image, q, strategy="best-of-n", candidates=4, temperature=1.5, seed=3, judge_both_orders=True)
+    assert [c.text for c in one.steps[0].candidates] == [c.text for c in both.steps[0].candidates]
+    judged = both.steps[0].judgements
+    assert judged and all(" | swapped: " in j.verdict and j.winner in (j.first, j.second) for j in judged)
+    assert both.tokens["judge_prompt"] > 1.5 * one.tokens["judge_prompt"]  # twice the prompts, shared preamble
+    for j in judged:  # a verdict that holds in both orders stands; a split one goes to the likelier candidate
+        first, swapped = (parse_pairwise_verdict(v) for v in j.verdict.split(" | swapped: "))
+        won, won_swapped = (j.first if first == 1 else j.second), (j.second if swapped == 1 else j.first)
+        if won == won_swapped:  # unparsed verdicts: the response in second position wins (the paper's rule)
+            assert j.winner == won
+        else:
+            cands = both.steps[0].candidates
+            assert j.winner == max((j.first, j.second), key=lambda i: cands[i].mean_logprob)
 
 
 def test_trained_model_answers_in_four_stages(reasoner, questions):
