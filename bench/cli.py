@@ -22,6 +22,9 @@ import tempfile
 from llavao1_edge.engine import FLASH_ATTN
 from llavao1_edge.extras import require_extra, run_guarded
 
+SEARCH_HELP = ("greedy | stage:N | best-of-n:N | sentence:N, then :judge|:logprob|:vote, then +greedy (candidate 1 "
+               "decoded greedily) and/or +swap (the judge asked both orders); e.g. stage:4:logprob+greedy")
+
 
 def _csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat = sub.add_parser("latency", help="time questions: encode, prefill, decode, first token, total, memory")
     model_args(lat)
     lat.add_argument("--data", help="questions (.jsonl or .tsv); default: the shipped example questions")
-    lat.add_argument("--search", default="greedy", help="greedy | stage:N | best-of-n:N | sentence:N [:selector]")
+    lat.add_argument("--search", default="greedy", help=SEARCH_HELP)
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--limit", type=int, default=5, help="questions to time (default %(default)s)")
     lat.add_argument("--compare-reference", action="store_true",
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc = sub.add_parser("accuracy", help="exact match of the CONCLUSION, per category, with a 95%% interval")
     model_args(acc)
     acc.add_argument("--data", required=True, help="LLaVA-CoT .jsonl or VLMEvalKit .tsv")
-    acc.add_argument("--search", default="greedy")
+    acc.add_argument("--search", default="greedy", help=SEARCH_HELP)
     acc.add_argument("--limit", type=int)
 
     sw = sub.add_parser("sweep", help="accuracy and latency over quantization types x search settings")
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--hf", help="or a Hugging Face checkpoint (adds ONNX and transformers rows)")
     sw.add_argument("--quants", type=_csv, default=("F16", "Q8_0", "Q4_K_M"))
     sw.add_argument("--mmproj-quants", type=_csv, default=("F16",))
-    sw.add_argument("--search", type=_csv, default=("greedy", "stage:2"))
+    sw.add_argument("--search", type=_csv, default=("greedy", "stage:2"), help="comma-separated; each " + SEARCH_HELP)
     sw.add_argument("--onnx-quants", type=_csv, default=("none", "int8", "int4"), help="with --hf")
     sw.add_argument("--limit", type=int)
     sw.add_argument("--out", required=True)
