@@ -14,11 +14,10 @@ EVAL="$RUN/data/eval-5002"
 mkdir -p "$OUT"
 [ -f "$EVAL/records.jsonl" ] || llavao1-data shapes --out "$EVAL" --n "$N" --seed 5002 --split eval --kinds cot
 # 1 and 2 run side by side, one thread each (a 7M-parameter model gains little from a second thread).
-# 1. search settings on the F16 model: greedy, stage N=2/4 (judge), best-of-N 4, the logprob and vote selectors,
-# and stage N=4 with greedy decoding as one of the candidates (+greedy)
+# 1. search settings on the F16 model: greedy, stage N=2/4 (judge), best-of-N 4, the logprob and vote selectors
 llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
     --quants F16 --mmproj-quants F16 --threads 1 \
-    --search greedy,stage:2,stage:4,best-of-n:4,stage:4:logprob,best-of-n:4:vote,stage:4+greedy --out "$OUT/search" -q &
+    --search greedy,stage:2,stage:4,best-of-n:4,stage:4:logprob,best-of-n:4:vote --out "$OUT/search" -q &
 SEARCH=$!
 # 2. quantization: F16 ... Q2_K text x F16 / Q8_0 projector, greedy
 llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
@@ -43,6 +42,12 @@ for fa in auto off; do
             --search "$s" --limit 8 --repeats 2 --flash-attn "$fa" $([ "$s" = greedy ] || echo --compare-reference) \
             --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
     done
+done
+# 5. stage N=4 with greedy decoding as candidate 1 (+greedy), and with the judge asked both orders (+swap)
+for s in stage:4+greedy stage:4:logprob+greedy stage:4+greedy+swap; do
+    f="$OUT/accuracy_$(echo "$s" | tr ':+' '__').json"
+    [ -f "$f" ] || { llavao1-bench accuracy --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+        --data "$EVAL/records.jsonl" --search "$s" --threads 1 --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
 done
 cp "$G/verify.txt" "$OUT/verify.txt"
 cp "$RUN/train-structured/log.jsonl" "$OUT/train_log.jsonl"
