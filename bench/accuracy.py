@@ -35,6 +35,7 @@ class AccuracyReport:
     seconds: float
     mean_answer_s: float
     judge_picks: dict[str, int] = field(default_factory=dict)  # which of two responses the judge chose: position bias
+    captions: dict[str, int] = field(default_factory=dict)  # caption vs scene graph, for shapes questions
 
     @property
     def accuracy(self) -> float:
@@ -44,7 +45,7 @@ class AccuracyReport:
         lo, hi = wilson_interval(self.correct, self.n)
         return {"accuracy": self.accuracy, "ci95": [lo, hi], "n": self.n, "correct": self.correct,
                 "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
-                "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks}
+                "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -54,6 +55,11 @@ class AccuracyReport:
         if pairs:
             lines.append(f"  judge chose the first of two responses in {self.judge_picks['first']}/{pairs} pairs "
                          f"({self.judge_picks['first'] / pairs:.0%}; an unbiased judge: about 50%)")
+        c = self.captions
+        if c.get("checked"):
+            lines.append(f"  captions: object count right in {c['count_right']}/{c['checked']}, every object right in "
+                         f"{c['objects_right']}/{c['checked']}; {c['objects_wrong']}/{c['objects']} objects missing "
+                         "or described wrong")
         for cat, d in sorted(self.by_category.items()):
             lines.append(f"  {cat:<20} {d['accuracy']:.3f} ({d['correct']}/{d['n']}) CI [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]")
         if self.failures:
@@ -71,12 +77,22 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     cats: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     failures, correct, spent = [], 0, 0.0
     picks = {"first": 0, "second": 0}
+    captions: dict[str, int] = defaultdict(int)
     for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
         ans = answer(item)
         spent += ans.seconds
         for k, v in ans.timings.get("judge_picks", {}).items():
             picks[k] += v
         got = extract_prediction(ans.text)
+        caption = parse_answer(ans.text).stages.get("caption")
+        if item.scene and caption is not None:
+            from llavao1_train.shapes.questions import (
+                caption_check,  # the caption wording is the data's
+            )
+
+            captions["checked"] += 1
+            for k, v in caption_check(caption, item.scene).items():
+                captions[k] += v
         ok = is_correct(got, item.reference, item.choices)
         correct += ok
         cats[item.category][0] += ok
@@ -87,4 +103,4 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     by_cat = {c: {"accuracy": k / n, "correct": k, "n": n, "ci95": list(wilson_interval(k, n))}
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
-                          spent / max(1, len(items)), picks)
+                          spent / max(1, len(items)), picks, dict(captions))

@@ -28,6 +28,7 @@ class BenchItem:
     reference: str
     category: str = "all"
     choices: dict[str, str] | None = None
+    scene: list[dict] | None = None  # the shapes scene graph, when the records carry one (caption checks)
 
 
 def load_items(path: str | os.PathLike, limit: int | None = None) -> list[BenchItem]:
@@ -49,7 +50,7 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[BenchI
             continue  # judge examples are not questions
         ref = rec.meta.get("answer") or parse_answer(rec.answer).conclusion or rec.answer.strip()
         items.append(BenchItem(rec.id, p.parent / rec.image if rec.image else None, rec.question, ref,
-                               rec.meta.get("family", "all"), rec.meta.get("choices")))
+                               rec.meta.get("family", "all"), rec.meta.get("choices"), rec.meta.get("scene")))
         if limit and len(items) >= limit:
             break
     if not items:

@@ -26,6 +26,9 @@ def test_accuracy_on_jsonl(trained, capsys):
     assert lo <= doc["accuracy"] <= hi
     assert set(doc["by_category"]) == {"count_color", "attribute", "compare"}
     assert all({"question", "expected", "got"} <= set(f) for f in doc["failures"])
+    cap = doc["captions"]  # the memorised captions, checked against the records' scene graphs
+    assert cap["checked"] == 12 and cap["objects"] >= 12
+    assert cap["count_right"] >= 6 and cap["objects_wrong"] < cap["objects"]
 
 
 def test_accuracy_reports_which_response_the_judge_picks(trained, capsys):

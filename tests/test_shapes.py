@@ -201,3 +201,18 @@ def test_console_script_installed(tmp_path):
     out = subprocess.run([sys.executable, "-m", "llavao1_train.data_cli", "shapes", "--out", str(tmp_path / "s"),
                           "--n", "3", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_caption_check_reads_the_caption_wording():
+    from llavao1_train.shapes.questions import caption_check, caption_text
+    from llavao1_train.shapes.scene import generate_scene
+
+    scene = generate_scene(random.Random(4), n_objects=5)
+    objs = scene.to_json()
+    right = caption_text(scene)
+    assert caption_check(right, objs) == {"count_right": 1, "objects_right": 1, "objects": 5, "objects_wrong": 0}
+    o = objs[2]
+    wrong_colour = "red" if o["color"] != "red" else "blue"
+    bad = right.replace(f"{o['size']} {o['color']} {o['shape']}", f"{o['size']} {wrong_colour} {o['shape']}", 1)
+    assert caption_check(bad, objs)["objects_right"] == 0 and caption_check(bad, objs)["objects_wrong"] >= 1
+    assert caption_check(right.replace("5 objects", "4 objects"), objs)["count_right"] == 0

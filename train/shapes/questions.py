@@ -9,6 +9,8 @@ perturbed scene. The answer itself is computed from the scene graph by `solve`.
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 from llavao1_edge.records import mc_prompt
@@ -82,6 +84,21 @@ def caption_text(scene: Scene) -> str:
     if n == 1:
         return f"The image shows 1 object: {scene.objects[0].describe()}."
     return f"The image shows {n} objects. From left to right: {_listing(list(scene.objects))}."
+
+
+_OBJECT_PHRASE = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")
+_CAPTION_COUNT = re.compile(r"shows (\d+) objects?")
+
+
+def caption_check(caption: str, scene: list[dict]) -> dict[str, int]:
+    """How a caption (in caption_text's wording) matches a scene: the object count it states, and
+    the objects it lists as (size, colour, shape) - order aside."""
+    listed = Counter(_OBJECT_PHRASE.findall(caption))
+    want = Counter((o["size"], o["color"], o["shape"]) for o in scene)
+    stated = _CAPTION_COUNT.search(caption)
+    return {"count_right": int(bool(stated) and int(stated.group(1)) == len(scene)),
+            "objects_right": int(listed == want), "objects": len(scene),
+            "objects_wrong": sum((want - listed).values())}
 
 
 def _in_relation(ref: ShapeObject, o: ShapeObject, relation: str) -> float:
