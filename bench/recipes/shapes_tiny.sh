@@ -45,7 +45,8 @@ for fa in auto off; do
 done
 # 5. stage search with greedy decoding as candidate 1 (+greedy), and with the judge asked both orders (+swap);
 # per-question results (failures) of greedy too, for the paired comparison; greedy's also checks the captions
-for s in greedy stage:4:logprob+greedy stage:2:logprob+greedy stage:4+greedy stage:4+greedy+swap; do
+for s in greedy stage:4:logprob+greedy stage:2:logprob+greedy stage:4+greedy stage:4+greedy+swap stage:4+swap \
+    stage:2+greedy+swap; do
     f="$OUT/accuracy_$(echo "$s" | tr ':+' '__').json"
     [ -f "$f" ] || { llavao1-bench accuracy --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
         --data "$EVAL/records.jsonl" --search "$s" --threads 1 --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
