@@ -84,8 +84,8 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
         for k, v in ans.timings.get("judge_picks", {}).items():
             picks[k] += v
         got = extract_prediction(ans.text)
-        caption = parse_answer(ans.text).stages.get("caption")
-        if item.scene and caption is not None:
+        caption = parse_answer(ans.text).stages.get("caption") if item.scene else None
+        if caption is not None:
             from llavao1_train.shapes.questions import (
                 caption_check,  # the caption wording is the data's
             )

@@ -334,7 +334,7 @@ class _Search:
                                                 context), with_image=True) for a, b in asked]
         verdicts = yield from self._ask_judge(prompts)
         out = []
-        for (a, b), v in zip(pairs, verdicts, strict=False):
+        for (a, b), v in zip(pairs, verdicts[:len(pairs)], strict=True):
             choice = parse_pairwise_verdict(v)
             out.append(Judgement(a, b, a if choice == 1 else b, v, choice is not None))
         if self.cfg.judge_both_orders:  # the swapped verdicts, from the second half of the batch

@@ -458,7 +458,8 @@ def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, ispec: I
 
     path = out / "vision_pretrain.safetensors"
     tower = model.model.vision_tower.to(device)
-    if rank == 0 and not path.is_file():
+    trained_here = rank == 0 and not path.is_file()
+    if trained_here:
         vcfg = VisionPretrainConfig(steps=cfg.vision_pretrain_steps, log_every=cfg.log_every, seed=cfg.seed)
         try:
             pretrain_vision(tower, records, root, ispec, spec.feature_layer, vcfg, device,
@@ -472,7 +473,8 @@ def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, ispec: I
         import torch.distributed as dist
 
         dist.barrier()
-    tower.load_state_dict(load_file(str(path), device=str(device)))
+    if not trained_here:
+        tower.load_state_dict(load_file(str(path), device=str(device)))
 
 
 def param_checksum(model) -> str:

@@ -50,9 +50,9 @@ class DenseHeads(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:  # feats [B, P, W]
         out = self.patch(feats)  # [B, P, 7 + 3 + 2 + 2]
-        c, s = len(_COLORS) + 1, len(SHAPES)
-        return {"color": out[..., :c], "shape": out[..., c:c + s], "size": out[..., c + s:c + s + 2],
-                "offset": out[..., c + s + 2:].sigmoid(), "count": self.count(feats.mean(1))}
+        color, shape, size, offset = out.split([len(_COLORS) + 1, len(SHAPES), len(_SIZES), 2], dim=-1)
+        return {"color": color, "shape": shape, "size": size, "offset": offset.sigmoid(),
+                "count": self.count(feats.mean(1))}
 
 
 def scene_targets(scenes: list[list[dict]], grid: int) -> dict[str, torch.Tensor]:
@@ -119,7 +119,7 @@ def _flip(scenes: list[list[dict]]) -> list[list[dict]]:
 
 def pretrain_vision(tower, records, root: Path, ispec: ImageSpec, feature_layer: int, cfg: VisionPretrainConfig,
                     device, log=print, progress: bool | None = None) -> dict[str, float]:
-    """Train `tower` (a SiglipVisionModel) in place; returns the held-out accuracies at the end."""
+    """Train `tower` (a SiglipVisionModel) in place; returns the last held-out accuracies logged."""
     from tqdm import tqdm
 
     pixels, scenes = load_scenes(records, root, ispec)
@@ -170,7 +170,8 @@ def pretrain_vision(tower, records, root: Path, ispec: ImageSpec, feature_layer:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
+            acc = evaluate()
             log({"vision_pretrain_step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - t0, 1),
-                 **{f"holdout_{k}": round(v, 4) for k, v in evaluate().items()}})
+                 **{f"holdout_{k}": round(v, 4) for k, v in acc.items()}})
     bar.close()
-    return evaluate()
+    return acc
