@@ -36,6 +36,7 @@ class AccuracyReport:
     mean_answer_s: float
     judge_picks: dict[str, int] = field(default_factory=dict)  # which of two responses the judge chose: position bias
     captions: dict[str, int] = field(default_factory=dict)  # caption vs scene graph, for shapes questions
+    captions_by_objects: dict[int, list[int]] = field(default_factory=dict)  # objects in scene -> [every object right, n]
 
     @property
     def accuracy(self) -> float:
@@ -45,7 +46,8 @@ class AccuracyReport:
         lo, hi = wilson_interval(self.correct, self.n)
         return {"accuracy": self.accuracy, "ci95": [lo, hi], "n": self.n, "correct": self.correct,
                 "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
-                "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions}
+                "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions,
+                "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())}}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -60,6 +62,8 @@ class AccuracyReport:
             lines.append(f"  captions: object count right in {c['count_right']}/{c['checked']}, every object right in "
                          f"{c['objects_right']}/{c['checked']}; {c['objects_wrong']}/{c['objects']} objects missing "
                          "or described wrong")
+            lines.append("  every object right, by objects in the scene: " + ", ".join(
+                f"{k}: {r}/{n}" for k, (r, n) in sorted(self.captions_by_objects.items())))
         for cat, d in sorted(self.by_category.items()):
             lines.append(f"  {cat:<20} {d['accuracy']:.3f} ({d['correct']}/{d['n']}) CI [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]")
         if self.failures:
@@ -78,6 +82,7 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     failures, correct, spent = [], 0, 0.0
     picks = {"first": 0, "second": 0}
     captions: dict[str, int] = defaultdict(int)
+    by_objects: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
         ans = answer(item)
         spent += ans.seconds
@@ -91,8 +96,11 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
             )
 
             captions["checked"] += 1
-            for k, v in caption_check(caption, item.scene).items():
+            check = caption_check(caption, item.scene)
+            for k, v in check.items():
                 captions[k] += v
+            by_objects[check["objects"]][0] += check["objects_right"]
+            by_objects[check["objects"]][1] += 1
         ok = is_correct(got, item.reference, item.choices)
         correct += ok
         cats[item.category][0] += ok
@@ -103,4 +111,4 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     by_cat = {c: {"accuracy": k / n, "correct": k, "n": n, "ci95": list(wilson_interval(k, n))}
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
-                          spent / max(1, len(items)), picks, dict(captions))
+                          spent / max(1, len(items)), picks, dict(captions), dict(by_objects))

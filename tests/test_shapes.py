@@ -216,3 +216,39 @@ def test_caption_check_reads_the_caption_wording():
     bad = right.replace(f"{o['size']} {o['color']} {o['shape']}", f"{o['size']} {wrong_colour} {o['shape']}", 1)
     assert caption_check(bad, objs)["objects_right"] == 0 and caption_check(bad, objs)["objects_wrong"] >= 1
     assert caption_check(right.replace("5 objects", "4 objects"), objs)["count_right"] == 0
+
+
+def test_caption_order_regions_walks_the_grid_and_reasoning_lists_in_the_same_order():
+    from llavao1_train.shapes.questions import caption_text, select
+    from llavao1_train.shapes.scene import REGIONS, Scene, ShapeObject
+
+    # Two objects share the top left (listed left to right), one sits at the bottom left, one at the
+    # top right; the scene itself is stored left to right.
+    objs = (ShapeObject("red", "circle", "small", 0.1, 0.9), ShapeObject("blue", "square", "small", 0.12, 0.2),
+            ShapeObject("red", "triangle", "large", 0.28, 0.15), ShapeObject("red", "square", "small", 0.9, 0.1))
+    plain = Scene(objs)  # the default, the shipped model's wording
+    assert caption_text(plain) == ("The image shows 4 objects. From left to right: a small red circle at the bottom "
+                                   "left, a small blue square at the top left, a large red triangle at the top left "
+                                   "and a small red square at the top right.")
+    assert [o.shape for o in select(plain, {"color": "red"})] == ["circle", "triangle", "square"]
+    scene = Scene(objs, caption_order="regions")
+    assert caption_text(scene) == ("The image shows 4 objects. Top left: a small blue square and a large red triangle. "
+                                   "Top right: a small red square. Bottom left: a small red circle.")
+    reds = select(scene, {"color": "red"})
+    assert [o.shape for o in reds] == ["triangle", "square", "circle"]
+    assert [REGIONS.index(o.region) for o in reds] == sorted(REGIONS.index(o.region) for o in reds)
+    one = (ShapeObject("green", "circle", "large", 0.5, 0.5),)
+    assert caption_text(Scene(one, "regions")) == "The image shows 1 object. Center: a large green circle."
+    assert caption_text(Scene(one)) == "The image shows 1 object: a large green circle in the center."
+    with pytest.raises(ValueError, match="caption_order"):
+        Scene(one, "top-down").listed()
+
+
+def test_caption_order_reaches_the_records(tmp_path):
+    for order, marker in (("left-to-right", "From left to right"), ("regions", "Top left:")):
+        write_dataset(ShapesConfig(n=40, seed=3, kinds=("cot", "judge"), caption_order=order), tmp_path / order,
+                      progress=False)
+        answers = [r.answer for r in read_records(tmp_path / order / "records.jsonl") if r.meta["kind"] == "cot"]
+        assert any(marker in a for a in answers)
+    with pytest.raises(ValueError, match="--caption-order"):
+        ShapesConfig(caption_order="diagonal").validate()

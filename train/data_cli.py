@@ -21,6 +21,7 @@ from llavao1_edge.stages import parse_answer
 
 from .shapes.dataset import FORMATS, KINDS, SPLITS, ShapesConfig, write_dataset
 from .shapes.questions import FAMILIES
+from .shapes.scene import CAPTION_ORDERS
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of questions that also get judge examples (default %(default)s)")
     s.add_argument("--families", type=_csv, default=d.families,
                    help=f"question families, comma list (default all: {','.join(FAMILIES)})")
+    s.add_argument("--caption-order", choices=CAPTION_ORDERS, default=d.caption_order,
+                   help="how captions list the objects: left-to-right (the shipped model), or regions "
+                   "(top left, top, ... bottom right; measured, not shipped) (default %(default)s)")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -69,7 +73,7 @@ def _shapes(args: argparse.Namespace) -> int:
     kinds = args.kinds if args.kinds is not None else (("cot",) if args.split == "eval" else KINDS)
     cfg = ShapesConfig(n=args.n, seed=args.seed, split=args.split, kinds=kinds, image_size=args.image_size,
                        mc_fraction=args.mc_fraction, judge_fraction=args.judge_fraction, families=args.families,
-                       format=args.format)
+                       format=args.format, caption_order=args.caption_order)
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))
         return 0

@@ -18,12 +18,15 @@ if [ "$VARIANT" = direct ]; then MAX_STEPS=${SHAPES_MAX_STEPS:-2520}; else MAX_S
 # --pretrain-vision-steps). Off for the shipped model: 2,000 steps + 3,000 LLaVA steps scored 0.438 greedy
 # against the shipped 0.464 (README, Training).
 VISION_STEPS=${SHAPES_VISION_STEPS:-0}
+# SHAPES_CAPTION_ORDER=regions lists objects region by region (top left ... bottom right) instead of left to
+# right (llavao1-data shapes --caption-order). Not shipped: better captions, level accuracy (0.442 vs 0.464; README).
+CAPTION_ORDER=${SHAPES_CAPTION_ORDER:-left-to-right}
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
 DATA="$RUN/data/train-$VARIANT"
 [ -f "$DATA/records.jsonl" ] || llavao1-data shapes --out "$DATA" --n "$N" --seed "$SEED" --kinds "$KINDS" \
-    --judge-fraction 0.1
+    --judge-fraction 0.1 --caption-order "$CAPTION_ORDER"
 TRAIN="$RUN/train-$VARIANT"
 RESUME=""
 [ -d "$TRAIN/checkpoints" ] && RESUME=--resume

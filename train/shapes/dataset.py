@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llavao1_edge.records import IMAGE_TOKEN, MCQuestion, Record, Turn, write_records, write_tsv
@@ -19,7 +19,7 @@ from llavao1_edge.stages import render_answer
 
 from .judge_examples import judge_examples
 from .questions import FAMILIES, Question, make_question
-from .scene import Scene, generate_scene, render_scene
+from .scene import CAPTION_ORDERS, Scene, generate_scene, render_scene
 
 KINDS = ("cot", "direct", "judge")
 SPLITS = ("train", "eval")
@@ -37,8 +37,11 @@ class ShapesConfig:
     judge_fraction: float = 1.0  # share of questions that also get judge examples (kind "judge")
     families: tuple[str, ...] = field(default=FAMILIES)
     format: str = "jsonl"  # "tsv" writes a VLMEvalKit multiple-choice file
+    caption_order: str = "left-to-right"  # how captions list objects: "left-to-right" or "regions"
 
     def validate(self) -> None:
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"--caption-order must be one of {', '.join(CAPTION_ORDERS)}, got {self.caption_order!r}")
         if self.n < 1:
             raise ValueError(f"--n must be at least 1, got {self.n}")
         if self.split not in SPLITS:
@@ -74,7 +77,7 @@ def build_examples(cfg: ShapesConfig) -> Iterator[Example]:
         family = cfg.families[i % len(cfg.families)]
         form = "mc" if cfg.format == "tsv" or rng.random() < cfg.mc_fraction else "open"
         while True:  # some scenes allow no unambiguous question of a family: draw another
-            scene = generate_scene(rng)
+            scene = replace(generate_scene(rng), caption_order=cfg.caption_order)
             q = make_question(family, scene, rng, form)
             if q is not None:
                 break

@@ -45,7 +45,7 @@ def _perturb_scene(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
     else:
         del objs[i]
         flaw = "leaves out an object"
-    return Scene(tuple(objs)), flaw
+    return scene.with_objects(objs), flaw
 
 
 def _corrupt(q: Question, scene: Scene, stage: str, rng: random.Random) -> tuple[str, str] | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from llavao1_edge.records import mc_prompt
 
-from .scene import COLORS, SHAPES, SIZES, Scene, ShapeObject
+from .scene import COLORS, REGIONS, SHAPES, SIZES, Scene, ShapeObject
 
 FAMILIES: tuple[str, ...] = (
     "count_all", "count_color", "count_shape", "count_color_shape",
@@ -56,7 +56,8 @@ def matches(o: ShapeObject, flt: dict) -> bool:
 
 
 def select(scene: Scene, flt: dict) -> list[ShapeObject]:
-    return [o for o in scene.objects if matches(o, flt)]
+    """The objects matching `flt`, in the order the caption lists them."""
+    return scene.listed(o for o in scene.objects if matches(o, flt))
 
 
 def noun(flt: dict, plural: bool) -> str:
@@ -80,10 +81,24 @@ def _are(n: int, what_plural: str, what_singular: str) -> str:
 
 
 def caption_text(scene: Scene) -> str:
+    """left-to-right: 'The image shows 2 objects. From left to right: a large red circle at the top
+    left and ...'. regions: 'The image shows 3 objects. Top left: a large red circle. Center: a small
+    blue square and a large green triangle.' - where first, then what, region by region, so the decoder
+    finds the next object by asking "is there one in this region?" rather than "which is next to the
+    right?"."""
     n = len(scene.objects)
-    if n == 1:
-        return f"The image shows 1 object: {scene.objects[0].describe()}."
-    return f"The image shows {n} objects. From left to right: {_listing(list(scene.objects))}."
+    if scene.caption_order == "left-to-right":
+        if n == 1:
+            return f"The image shows 1 object: {scene.objects[0].describe()}."
+        return f"The image shows {n} objects. From left to right: {_listing(scene.listed())}."
+    parts = [f"The image shows {n} object{'s' if n != 1 else ''}."]
+    objs = scene.listed()
+    for region in REGIONS:
+        here = [_a(o.name) for o in objs if o.region == region]
+        if here:
+            names = here[0] if len(here) == 1 else ", ".join(here[:-1]) + " and " + here[-1]
+            parts.append(f"{region[0].upper()}{region[1:]}: {names}.")
+    return " ".join(parts)
 
 
 _OBJECT_PHRASE = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from PIL import Image, ImageDraw
 
@@ -21,6 +21,12 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.075, "large": 0.125}  # radius as a fraction of the side
 BACKGROUND = (235, 235, 232)
 MAX_OBJECTS = 8
+# The 3x3 grid of ShapeObject.region, in reading order: rows top to bottom, each row left to right.
+REGIONS: tuple[str, ...] = ("top left", "top", "top right", "left", "center", "right",
+                            "bottom left", "bottom", "bottom right")
+# How captions and reasoning list objects: "left-to-right" (the shipped model) or "regions" (REGIONS
+# in turn, left to right inside a region; measured in the README, not shipped).
+CAPTION_ORDERS: tuple[str, ...] = ("left-to-right", "regions")
 _MARGIN = 0.02  # minimum gap between objects and to the border, as a fraction of the side
 _SUPERSAMPLE = 4  # draw large and downsample, for smooth edges
 
@@ -58,6 +64,19 @@ class ShapeObject:
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[ShapeObject, ...]  # sorted left to right
+    caption_order: str = "left-to-right"  # one of CAPTION_ORDERS
+
+    def listed(self, objs=None) -> list[ShapeObject]:
+        """`objs` (default: all) in the order captions and reasoning list them."""
+        objs = list(self.objects if objs is None else objs)
+        if self.caption_order == "regions":
+            return sorted(objs, key=lambda o: (REGIONS.index(o.region), o.x, o.y))
+        if self.caption_order != "left-to-right":
+            raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {self.caption_order!r}")
+        return objs  # stored order: left to right
+
+    def with_objects(self, objects) -> Scene:
+        return replace(self, objects=tuple(objects))
 
     def to_json(self) -> list[dict]:
         return [asdict(o) for o in self.objects]
