@@ -67,9 +67,13 @@ def noun(flt: dict, plural: bool) -> str:
     return " ".join(words)
 
 
+def _and_join(phrases: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
 def _listing(objs: list[ShapeObject]) -> str:
-    descs = [o.describe() for o in objs]
-    return descs[0] if len(descs) == 1 else ", ".join(descs[:-1]) + " and " + descs[-1]
+    return _and_join([o.describe() for o in objs])
 
 
 def _counting(n: int) -> str:
@@ -96,8 +100,7 @@ def caption_text(scene: Scene) -> str:
     for region in REGIONS:
         here = [_a(o.name) for o in objs if o.region == region]
         if here:
-            names = here[0] if len(here) == 1 else ", ".join(here[:-1]) + " and " + here[-1]
-            parts.append(f"{region[0].upper()}{region[1:]}: {names}.")
+            parts.append(f"{region[0].upper()}{region[1:]}: {_and_join(here)}.")
     return " ".join(parts)
 
 
