@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from llavao1_edge.answers import is_correct
 from llavao1_edge.stages import parse_answer
+from llavao1_train.shapes.questions import caption_check
 
 from .common import BenchItem, wilson_interval
 
@@ -91,10 +92,6 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
         got = extract_prediction(ans.text)
         caption = parse_answer(ans.text).stages.get("caption") if item.scene else None
         if caption is not None:
-            from llavao1_train.shapes.questions import (
-                caption_check,  # the caption wording is the data's
-            )
-
             captions["checked"] += 1
             check = caption_check(caption, item.scene)
             for k, v in check.items():

@@ -45,7 +45,7 @@ def _perturb_scene(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
     else:
         del objs[i]
         flaw = "leaves out an object"
-    return scene.with_objects(objs), flaw
+    return replace(scene, objects=tuple(objs)), flaw
 
 
 def _corrupt(q: Question, scene: Scene, stage: str, rng: random.Random) -> tuple[str, str] | None:

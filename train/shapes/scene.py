@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
@@ -66,17 +66,16 @@ class Scene:
     objects: tuple[ShapeObject, ...]  # sorted left to right
     caption_order: str = "left-to-right"  # one of CAPTION_ORDERS
 
+    def __post_init__(self):
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {self.caption_order!r}")
+
     def listed(self, objs=None) -> list[ShapeObject]:
         """`objs` (default: all) in the order captions and reasoning list them."""
         objs = list(self.objects if objs is None else objs)
         if self.caption_order == "regions":
             return sorted(objs, key=lambda o: (REGIONS.index(o.region), o.x, o.y))
-        if self.caption_order != "left-to-right":
-            raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {self.caption_order!r}")
         return objs  # stored order: left to right
-
-    def with_objects(self, objects) -> Scene:
-        return replace(self, objects=tuple(objects))
 
     def to_json(self) -> list[dict]:
         return [asdict(o) for o in self.objects]
