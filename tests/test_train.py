@@ -72,6 +72,29 @@ def test_short_cpu_run_loss_falls_and_checkpoint_loads(data64, tmp_path, capsys)
     assert (out / "final" / "chat_template.jinja").is_file() and (out / "final" / "processor_config.json").is_file()
 
 
+def test_bf16_autocast_on_cpu_tracks_fp32_and_saves_fp32_weights(data64, tmp_path):
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert train_main(["--data", str(data64), "--out", str(out), "--init", "test-tiny", "--max-steps", "12",
+                           "--lr", "2e-3", "--batch-size", "8", "--log-every", "1", "-q", "--device", "cpu",
+                           "--precision", precision]) == 0
+        logs[precision] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+        weights = load_file(out / "final" / "model.safetensors")
+        assert {t.dtype for t in weights.values()} == {torch.float32}  # autocast: master weights stay fp32
+    fp32, bf16 = logs["fp32"], logs["bf16"]
+    assert bf16[0] != fp32[0]  # bf16 rounding shows: autocast was on
+    assert abs(bf16[0] - fp32[0]) < 0.01 * fp32[0], (fp32[0], bf16[0])  # same model, same batch, rounding only
+    assert bf16[-1] < 0.8 * bf16[0] and abs(bf16[-1] - fp32[-1]) < 0.15 * fp32[-1], (fp32, bf16)
+
+
+def test_unknown_precision_is_refused(data64, tmp_path):
+    from llavao1_train.trainer import TrainConfig, TrainError, train
+
+    with pytest.raises(TrainError, match="precision 'fp8'"):
+        train(TrainConfig(data=str(data64), out=str(tmp_path / "r"), init="test-tiny", max_steps=1, precision="fp8"))
+
+
 def test_lora_on_a_checkpoint_merges_into_a_plain_model(data64, make_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 
