@@ -21,8 +21,9 @@ VISION_STEPS=${SHAPES_VISION_STEPS:-0}
 # SHAPES_CAPTION_ORDER=regions lists objects region by region (top left ... bottom right) instead of left to
 # right (llavao1-data shapes --caption-order). Not shipped: better captions, level accuracy (0.442 vs 0.464; README).
 CAPTION_ORDER=${SHAPES_CAPTION_ORDER:-left-to-right}
-# SHAPES_INIT=shapes-wide trains the decoder twice as wide (llavao1-train --init); SHAPES_PRECISION=bf16 autocasts
-# the forward pass to bf16, 1.5-2x faster on CPUs with AMX/avx512_bf16 (fp32 for the shipped model).
+# SHAPES_INIT=shapes-wide trains the decoder twice as wide (llavao1-train --init). Not shipped: with SHAPES_PRECISION=bf16
+# and SHAPES_MAX_STEPS=2800 to fit 2 hours it scored 0.408 greedy vs 0.464 (README). SHAPES_PRECISION=bf16 autocasts
+# the forward pass to bf16, 1.5-2.2x faster on CPUs with AMX/avx512_bf16 (fp32 for the shipped model).
 INIT=${SHAPES_INIT:-shapes-tiny}
 PRECISION=${SHAPES_PRECISION:-fp32}
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
