@@ -144,13 +144,38 @@ def _train_cmd(data, out, *extra):
             "--batch-size", "4", "--lr", "1e-3", "-q", "--device", "cpu", *extra]
 
 
+def _padding(lengths, order, per_step):
+    """Padded tokens / real tokens over the full batches of `order`."""
+    batches = [order[i:i + per_step] for i in range(0, len(order) - per_step + 1, per_step)]
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths[i] for b in batches for i in b)
+
+
+def test_epoch_order_grouped_by_length_cuts_padding_and_keeps_every_example():
+    from llavao1_train.trainer import MEGABATCH, epoch_order
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(100, 600, (16 * MEGABATCH * 2 + 5,), generator=g).tolist()  # 2 megabatches + a tail
+    plain = epoch_order(lengths, 16, seed=0, epoch=1)
+    assert plain == torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).tolist()  # unchanged
+    grouped = epoch_order(lengths, 16, seed=0, epoch=1, group=True)
+    assert sorted(grouped) == list(range(len(lengths)))  # a permutation: each example once per epoch
+    assert grouped == epoch_order(lengths, 16, seed=0, epoch=1, group=True)  # seed-determined: resume is exact
+    assert grouped != epoch_order(lengths, 16, seed=0, epoch=2, group=True)
+    before, after = _padding(lengths, plain, 16), _padding(lengths, grouped, 16)
+    print(f"padded/real tokens: random batches {before:.3f}, grouped {after:.3f}")
+    assert before > 1.3 and after < 1.05
+    firsts = [grouped[i] for i in range(0, 16 * MEGABATCH * 2, 16)]  # batches are shuffled, not left sorted
+    assert any(lengths[a] > lengths[b] for a, b in zip(firsts, firsts[1:], strict=False))
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(data64, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = subprocess.run(_train_cmd(data64, tmp_path / "ref", "--max-steps", "24"), env=env, capture_output=True,
-                         text=True)
+    # --group-by-length: the resumed run must rebuild the same length-grouped batches (24 steps = 1.5 epochs)
+    ref = subprocess.run(_train_cmd(data64, tmp_path / "ref", "--max-steps", "24", "--group-by-length"), env=env,
+                         capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(data64, out, "--max-steps", "24", "--save-every", "4"), env=env,
+    proc = subprocess.Popen(_train_cmd(data64, out, "--max-steps", "24", "--save-every", "4", "--group-by-length"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-0000008").is_dir() and time.time() < deadline and proc.poll() is None:
@@ -159,7 +184,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data64, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()  # killed mid-run
     assert (out / "checkpoints" / "step-0000008").is_dir()
-    resumed = subprocess.run(_train_cmd(data64, out, "--max-steps", "24", "--save-every", "4", "--resume"),
+    resumed = subprocess.run(_train_cmd(data64, out, "--max-steps", "24", "--save-every", "4", "--group-by-length",
+                                        "--resume"),
                              env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(tmp_path / "ref" / "final" / "model.safetensors")

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=4, help="examples per device per micro-step")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together: less padding, faster steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--max-length", type=int, default=2048, help="token limit per example (image tokens included)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: final model only)")
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         data=args.data, out=args.out, init=args.init, model=args.model, lora=not args.full, full=args.full,
         freeze_vision=args.freeze_vision, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, group_by_length=args.group_by_length,
+        grad_accum=args.grad_accum,
         max_length=args.max_length, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, eval_data=args.eval_data, eval_every=args.eval_every, eval_limit=args.eval_limit,
         log_every=args.log_every, device=args.device, grad_checkpointing=args.grad_checkpointing,

@@ -66,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     batch_size: int = 4  # per device
+    group_by_length: bool = False  # batches of similar length (less padding); see epoch_order
     grad_accum: int = 1
     max_length: int = 2048  # tokens per example, image tokens included
     save_every: int = 0  # steps; 0: only the final model
@@ -286,9 +287,29 @@ def _log(out: Path, obj: dict) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+MEGABATCH = 50  # group_by_length sorts this many global batches at a time (as transformers' group_by_length)
+
+
+def epoch_order(lengths: list[int], per_step: int, seed: int, epoch: int, group: bool = False) -> list[int]:
+    """Example indices for one epoch; consecutive runs of `per_step` indices form the global batches.
+
+    group: shuffle, cut into megabatches of MEGABATCH batches, sort each by length and cut it into
+    batches, then shuffle the batches - padding falls from ~48% to ~2% of the tokens on the shapes data
+    while every example is still seen once per epoch in a seed-determined order (resume stays exact).
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if not group or per_step <= 1:
+        return order
+    size = per_step * MEGABATCH
+    batches = []
+    for start in range(0, len(order), size):
+        mega = sorted(order[start:start + size], key=lambda i: lengths[i])
+        batches += [mega[k:k + per_step] for k in range(0, len(mega), per_step)]
+    full = [b for b in batches if len(b) == per_step]  # a short tail batch goes last (the loop drops it)
+    tail = [b for b in batches if len(b) < per_step]
+    perm = torch.randperm(len(full), generator=g).tolist()
+    return [i for k in perm for i in full[k]] + [i for b in tail for i in b]
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -381,11 +402,12 @@ def train(cfg: TrainConfig) -> Path:
         bar = tqdm(total=total, initial=step, desc="train", unit="step",
                    disable=None if cfg.progress is None else not cfg.progress, file=sys.stderr)
     t_last, tok_count, sample_count, loss_acc = time.perf_counter(), 0, 0, []
-    order = _epoch_order(len(examples), cfg.seed, epoch)
+    lengths = [len(e.input_ids) for e in examples]
+    order = epoch_order(lengths, per_step, cfg.seed, epoch, cfg.group_by_length)
     while step < total:
         if offset + per_step > len(order):  # next epoch
             epoch, offset = epoch + 1, 0
-            order = _epoch_order(len(examples), cfg.seed, epoch)
+            order = epoch_order(lengths, per_step, cfg.seed, epoch, cfg.group_by_length)
         global_idx = order[offset:offset + per_step]
         offset += per_step
         mine = global_idx[rank::world]  # this rank's share of the global batch

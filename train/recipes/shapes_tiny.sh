@@ -26,6 +26,9 @@ CAPTION_ORDER=${SHAPES_CAPTION_ORDER:-left-to-right}
 # the forward pass to bf16, 1.5-2.2x faster on CPUs with AMX/avx512_bf16 (fp32 for the shipped model).
 INIT=${SHAPES_INIT:-shapes-tiny}
 PRECISION=${SHAPES_PRECISION:-fp32}
+# SHAPES_GROUP_BY_LENGTH=1 batches records of similar length together (llavao1-train --group-by-length):
+# padding falls from 48% to 2% of the tokens, ~1.5x faster steps.
+GROUP=${SHAPES_GROUP_BY_LENGTH:-0}
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
@@ -37,7 +40,7 @@ RESUME=""
 [ -d "$TRAIN/checkpoints" ] && RESUME=--resume
 # lr 3e-4: at 1e-3 the from-scratch vision path collapses (image tokens turn constant, the model goes blind).
 [ -f "$TRAIN/final/model.safetensors" ] || llavao1-train --data "$DATA" --out "$TRAIN" --init "$INIT" \
-    --precision "$PRECISION" --lr 3e-4 --epochs "$EPOCHS" $([ "$MAX_STEPS" = 0 ] || echo --max-steps "$MAX_STEPS") --batch-size 16 --max-length 1024 \
+    --precision "$PRECISION" $([ "$GROUP" = 0 ] || echo --group-by-length) --lr 3e-4 --epochs "$EPOCHS" $([ "$MAX_STEPS" = 0 ] || echo --max-steps "$MAX_STEPS") --batch-size 16 --max-length 1024 \
     $([ "$VISION_STEPS" = 0 ] || echo --pretrain-vision-steps "$VISION_STEPS") --save-every 250 --log-every 25 --seed 0 $RESUME
 GGUF="$RUN/gguf-$VARIANT"
 llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f32
