@@ -64,6 +64,7 @@ def test_short_cpu_run_loss_falls_and_checkpoint_loads(data64, tmp_path, capsys)
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(e["tokens_per_s"] > 0 for e in log if "loss" in e)
+    assert all(0 < e["padding"] < 0.9 for e in log if "loss" in e)  # records of several lengths: some padding
     assert all(e["batch_loss_other_images"] > 0 and e["batch_loss"] > 0 for e in log if "loss" in e)
     evals = [e for e in log if "eval_accuracy" in e]
     assert evals and evals[0]["step"] == 20 and evals[0]["eval_n"] == 2 and 0.0 <= evals[0]["eval_accuracy"] <= 1.0
