@@ -63,6 +63,10 @@ class AccuracyReport:
             lines.append(f"  captions: object count right in {c['count_right']}/{c['checked']}, every object right in "
                          f"{c['objects_right']}/{c['checked']}; {c['objects_wrong']}/{c['objects']} objects missing "
                          "or described wrong")
+            if "left_out" in c:
+                lines.append(f"  caption errors: {c['left_out']} objects left out, {c['made_up']} made up; of the "
+                             f"objects paired with the scene, {c['wrong_size']} wrong size, {c['wrong_color']} "
+                             f"wrong colour, {c['wrong_shape']} wrong shape")
             lines.append("  every object right, by objects in the scene: " + ", ".join(
                 f"{k}: {r}/{n}" for k, (r, n) in sorted(self.captions_by_objects.items())))
         for cat, d in sorted(self.by_category.items()):

@@ -210,12 +210,37 @@ def test_caption_check_reads_the_caption_wording():
     scene = generate_scene(random.Random(4), n_objects=5)
     objs = scene.to_json()
     right = caption_text(scene)
-    assert caption_check(right, objs) == {"count_right": 1, "objects_right": 1, "objects": 5, "objects_wrong": 0}
+    assert caption_check(right, objs) == {"count_right": 1, "objects_right": 1, "objects": 5, "objects_wrong": 0,
+                                          "left_out": 0, "made_up": 0, "wrong_size": 0, "wrong_color": 0,
+                                          "wrong_shape": 0}
     o = objs[2]
     wrong_colour = "red" if o["color"] != "red" else "blue"
     bad = right.replace(f"{o['size']} {o['color']} {o['shape']}", f"{o['size']} {wrong_colour} {o['shape']}", 1)
-    assert caption_check(bad, objs)["objects_right"] == 0 and caption_check(bad, objs)["objects_wrong"] >= 1
+    check = caption_check(bad, objs)
+    assert check["objects_right"] == 0 and check["objects_wrong"] >= 1
+    assert (check["wrong_color"], check["wrong_size"], check["wrong_shape"], check["left_out"]) == (1, 0, 0, 0)
     assert caption_check(right.replace("5 objects", "4 objects"), objs)["count_right"] == 0
+
+
+def test_caption_check_pairs_objects_to_name_what_is_wrong():
+    from llavao1_train.shapes.questions import caption_check
+
+    scene = [{"size": "small", "color": "red", "shape": "circle"}, {"size": "large", "color": "blue", "shape": "square"},
+             {"size": "small", "color": "green", "shape": "triangle"}]
+    # listed out of order, the square's size wrong, the triangle left out, a made-up object is not added
+    cap = "The image shows 2 objects. From left to right: a small blue square and a small red circle."
+    check = caption_check(cap, scene)
+    assert (check["left_out"], check["made_up"], check["wrong_size"], check["wrong_color"], check["wrong_shape"]) \
+        == (1, 0, 1, 0, 0)
+    # one object too many: the best pairing leaves the extra one unpaired, whichever position it has
+    cap = ("The image shows 4 objects. From left to right: a large yellow circle, a small red circle, a large blue "
+           "square and a small green triangle.")
+    check = caption_check(cap, scene)
+    assert (check["left_out"], check["made_up"], check["wrong_size"], check["wrong_color"], check["wrong_shape"]) \
+        == (0, 1, 0, 0, 0)
+    assert caption_check("no objects named", scene)["left_out"] == 3
+    many = "The image shows 20 objects: " + ", ".join(["a small red circle"] * 20) + "."
+    assert caption_check(many, scene)["made_up"] == 17  # a rambling caption is paired without blowing up
 
 
 def test_caption_order_regions_walks_the_grid_and_reasoning_lists_in_the_same_order():

@@ -108,15 +108,50 @@ _OBJECT_PHRASE = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.
 _CAPTION_COUNT = re.compile(r"shows (\d+) objects?")
 
 
+ATTRIBUTES = ("size", "color", "shape")  # the order of _OBJECT_PHRASE's groups
+
+
 def caption_check(caption: str, scene: list[dict]) -> dict[str, int]:
     """How a caption (in caption_text's wording) matches a scene: the object count it states, and
-    the objects it lists as (size, colour, shape) - order aside."""
-    listed = Counter(_OBJECT_PHRASE.findall(caption))
-    want = Counter((o["size"], o["color"], o["shape"]) for o in scene)
+    the objects it lists as (size, colour, shape) - order aside. Listed objects are also paired
+    with the scene's (the pairing with fewest wrong attributes) to say what goes wrong: a wrong
+    size, colour or shape in a paired object, objects left out, objects made up."""
+    found = _OBJECT_PHRASE.findall(caption)
+    truth = [(o["size"], o["color"], o["shape"]) for o in scene]
+    listed, want = Counter(found), Counter(truth)
     stated = _CAPTION_COUNT.search(caption)
-    return {"count_right": int(bool(stated) and int(stated.group(1)) == len(scene)),
-            "objects_right": int(listed == want), "objects": len(scene),
-            "objects_wrong": sum((want - listed).values())}
+    pairs = _pair_objects(found, truth)
+    out = {"count_right": int(bool(stated) and int(stated.group(1)) == len(scene)),
+           "objects_right": int(listed == want), "objects": len(scene),
+           "objects_wrong": sum((want - listed).values()),
+           "left_out": len(truth) - len(pairs), "made_up": len(found) - len(pairs)}
+    for k, name in enumerate(ATTRIBUTES):
+        out[f"wrong_{name}"] = sum(found[i][k] != truth[j][k] for i, j in pairs)
+    return out
+
+
+def _pair_objects(found: list[tuple], truth: list[tuple]) -> list[tuple[int, int]]:
+    """(found index, truth index) pairs, min(len) of them, with the fewest differing attributes in
+    total: a dynamic programme over subsets of the longer list (scenes have at most 8 objects)."""
+    if not found or not truth:
+        return []
+    if len(found) > len(truth):
+        return [(i, j) for j, i in _pair_objects(truth, found)]
+    truth = truth[:12]  # a rambling caption: pair the first dozen, the rest count as made up
+
+    def cost(a, b):
+        return sum(x != y for x, y in zip(a, b, strict=True))
+    best: dict[int, tuple[int, list[tuple[int, int]]]] = {0: (0, [])}  # truth subset used -> (cost, pairs)
+    for i, f in enumerate(found):
+        nxt: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        for used, (c, pairs) in best.items():
+            for j, t in enumerate(truth):
+                if not used >> j & 1:
+                    key, val = used | 1 << j, c + cost(f, t)
+                    if key not in nxt or val < nxt[key][0]:
+                        nxt[key] = (val, [*pairs, (i, j)])
+        best = nxt
+    return min(best.values(), key=lambda v: v[0])[1]
 
 
 def _in_relation(ref: ShapeObject, o: ShapeObject, relation: str) -> float:
