@@ -545,8 +545,8 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(precision: str, device) -> torch.autocast:
-    """Mixed precision for the forward pass; weights and optimizer state stay fp32. bf16 on a CPU pays off
-    where it has bf16 matrix units (AMX, avx512_bf16): 1.5-2.2x a step of the shapes models there."""
+    """Mixed precision for the forward pass; weights and optimizer state stay fp32. bf16 on a CPU needs bf16
+    matrix units (AMX, avx512_bf16) to pay, and even there a long shapes-tiny run was slower than fp32 (README)."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)

@@ -23,7 +23,8 @@ VISION_STEPS=${SHAPES_VISION_STEPS:-0}
 CAPTION_ORDER=${SHAPES_CAPTION_ORDER:-left-to-right}
 # SHAPES_INIT=shapes-wide trains the decoder twice as wide (llavao1-train --init). Not shipped: with SHAPES_PRECISION=bf16
 # and SHAPES_MAX_STEPS=2800 to fit 2 hours it scored 0.408 greedy vs 0.464 (README). SHAPES_PRECISION=bf16 autocasts
-# the forward pass to bf16, 1.5-2.2x faster on CPUs with AMX/avx512_bf16 (fp32 for the shipped model).
+# the forward pass to bf16: 1.5-2.2x faster in short timing loops on CPUs with AMX, but over a long shapes-tiny
+# run slower than fp32 (15.0 vs 17.9 samples/s, both grouped; README). fp32 for the shipped model.
 INIT=${SHAPES_INIT:-shapes-tiny}
 PRECISION=${SHAPES_PRECISION:-fp32}
 # SHAPES_GROUP_BY_LENGTH=1 batches records of similar length together (llavao1-train --group-by-length):
