@@ -80,3 +80,31 @@ def test_vision_pretraining_needs_a_from_scratch_model(data48, make_checkpoint, 
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--pretrain-vision-steps" in err[0]
+
+
+def test_frozen_pretrained_tower_stays_the_pretrained_one(data48, tmp_path, capsys):
+    """--freeze-vision with --init: the LLaVA stage leaves the pretrained tower bit-identical, also
+    across --resume (the frozen tower is in no checkpoint, so the run must reload it)."""
+    out = tmp_path / "frozen"
+    args = ["--data", str(data48), "--out", str(out), "--init", "test-tiny", "--batch-size", "4", "--lr", "1e-3",
+            "-q", "--device", "cpu", "--pretrain-vision-steps", "10", "--freeze-vision", "--save-every", "1"]
+    assert train_main([*args, "--max-steps", "2"]) == 0
+    tower = load_file(out / "vision_pretrain.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    prefix = next(k for k in final if k.endswith("vision_tower.embeddings.patch_embedding.weight"))[
+        : -len("embeddings.patch_embedding.weight")]
+    for k, v in tower.items():
+        assert torch.equal(final[prefix + k], v), k
+    state = torch.load(out / "checkpoints" / "step-0000001" / "state.pt", weights_only=False)["model"]
+    # only what trains is checkpointed: the projector and the decoder, not the tower
+    assert not any("vision_tower" in k for k in state)
+    assert any("multi_modal_projector" in k for k in state) and any("language_model" in k for k in state)
+    assert train_main([*args, "--max-steps", "3", "--resume"]) == 0
+    resumed = load_file(out / "final" / "model.safetensors")
+    for k, v in tower.items():
+        assert torch.equal(resumed[prefix + k], v), k
+    capsys.readouterr()
+    assert train_main(["--data", str(data48), "--out", str(tmp_path / "r"), "--init", "test-tiny", "--freeze-vision",
+                       "-q", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--freeze-vision" in err[0] and "--pretrain-vision-steps" in err[0]

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="LoRA on the language model, projector trained fully (default)")
     mode.add_argument("--full", action="store_true", help="full fine-tuning (the paper's choice)")
-    p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (with --full)")
+    p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (with --full; or with --init after --pretrain-vision-steps)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")

@@ -57,7 +57,7 @@ class TrainConfig:
     model: str | None = None  # or a local Hugging Face LLaVA checkpoint folder
     lora: bool = True  # LoRA on the language model (projector fully trained); from-scratch trains all
     full: bool = False  # full fine-tuning (the paper's choice)
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # keep the tower fixed (--full, or --init after --pretrain-vision-steps)
     lora_rank: int = 16
     lora_alpha: int = 32
     epochs: float = 3.0
@@ -174,13 +174,11 @@ def freeze_unused_vision(model) -> list[str]:
 
 def _apply_training_mode(model, cfg: TrainConfig):
     freeze_unused_vision(model)
-    if cfg.init:
-        return model  # a model from scratch trains everything
-    if cfg.full or not cfg.lora:
-        if cfg.freeze_vision:
-            for p in model.model.vision_tower.parameters():
-                p.requires_grad_(False)
-        return model
+    if cfg.freeze_vision and (cfg.init or cfg.full or not cfg.lora):
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+    if cfg.init or cfg.full or not cfg.lora:
+        return model  # from scratch: everything else trains
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
@@ -318,6 +316,8 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainError("give exactly one of --init NAME or --model HF_DIR")
     if cfg.vision_pretrain_steps and not cfg.init:
         raise TrainError("--pretrain-vision-steps applies to from-scratch models (--init) only")
+    if cfg.freeze_vision and cfg.init and not cfg.vision_pretrain_steps:
+        raise TrainError("--freeze-vision with --init needs --pretrain-vision-steps N (a random tower would stay random)")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
     rank, world, local_rank = _dist()
@@ -364,7 +364,8 @@ def train(cfg: TrainConfig) -> Path:
         for r, ex in zip(erecs, build(erecs, cfg.eval_data), strict=False):
             ref = r.meta.get("answer") or parse_answer(r.answer).conclusion or r.answer
             eval_examples.append((ex, ref))
-    if cfg.vision_pretrain_steps and not (cfg.resume and latest_checkpoint(out) is not None):
+    resuming = cfg.resume and latest_checkpoint(out) is not None
+    if cfg.vision_pretrain_steps and (cfg.freeze_vision or not resuming):  # a frozen tower is in no checkpoint
         _pretrain_tower(cfg, model, spec, records, root, ispec, device, out, rank, world)
     model = _apply_training_mode(model, cfg).to(device)
     if cfg.grad_checkpointing or (cfg.grad_checkpointing is None and device.type == "cuda"):
@@ -489,9 +490,10 @@ def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, ispec: I
     trained_here = rank == 0 and not path.is_file()
     if trained_here:
         vcfg = VisionPretrainConfig(steps=cfg.vision_pretrain_steps, log_every=cfg.log_every, seed=cfg.seed)
-        try:
-            pretrain_vision(tower, records, root, ispec, spec.feature_layer, vcfg, device,
-                            log=lambda obj: _log(out, obj), progress=cfg.progress)
+        try:  # forked RNG: training the tower here or loading it leaves the LLaVA stage the same
+            with torch.random.fork_rng(devices=[]):
+                pretrain_vision(tower, records, root, ispec, spec.feature_layer, vcfg, device,
+                                log=lambda obj: _log(out, obj), progress=cfg.progress)
         except ImageError as e:
             raise TrainError(f"vision pretraining: {e}") from None
         tmp = out / f".vision_pretrain.tmp-{os.getpid()}"

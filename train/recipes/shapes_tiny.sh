@@ -18,6 +18,8 @@ if [ "$VARIANT" = direct ]; then MAX_STEPS=${SHAPES_MAX_STEPS:-2520}; else MAX_S
 # --pretrain-vision-steps). Off for the shipped model: 2,000 steps + 3,000 LLaVA steps scored 0.438 greedy
 # against the shipped 0.464 (README, Training).
 VISION_STEPS=${SHAPES_VISION_STEPS:-0}
+# SHAPES_FREEZE_VISION=1 (with SHAPES_VISION_STEPS) keeps the pretrained tower fixed in the LLaVA stage (--freeze-vision).
+FREEZE=${SHAPES_FREEZE_VISION:-0}
 # SHAPES_CAPTION_ORDER=regions lists objects region by region (top left ... bottom right) instead of left to
 # right (llavao1-data shapes --caption-order). Not shipped: better captions, level accuracy (0.442 vs 0.464; README).
 CAPTION_ORDER=${SHAPES_CAPTION_ORDER:-left-to-right}
@@ -43,7 +45,7 @@ RESUME=""
 # lr 3e-4: at 1e-3 the from-scratch vision path collapses (image tokens turn constant, the model goes blind).
 [ -f "$TRAIN/final/model.safetensors" ] || llavao1-train --data "$DATA" --out "$TRAIN" --init "$INIT" \
     --precision "$PRECISION" $([ "$GROUP" = 0 ] || echo --group-by-length) --lr 3e-4 --epochs "$EPOCHS" $([ "$MAX_STEPS" = 0 ] || echo --max-steps "$MAX_STEPS") --batch-size 16 --max-length 1024 \
-    $([ "$VISION_STEPS" = 0 ] || echo --pretrain-vision-steps "$VISION_STEPS") --save-every 250 --log-every 25 --seed 0 $RESUME
+    $([ "$VISION_STEPS" = 0 ] || echo --pretrain-vision-steps "$VISION_STEPS") $([ "$FREEZE" = 0 ] || echo --freeze-vision) --save-every 250 --log-every 25 --seed 0 $RESUME
 GGUF="$RUN/gguf-$VARIANT"
 llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f32
 llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f16
