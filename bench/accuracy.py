@@ -38,6 +38,7 @@ class AccuracyReport:
     judge_picks: dict[str, int] = field(default_factory=dict)  # which of two responses the judge chose: position bias
     captions: dict[str, int] = field(default_factory=dict)  # caption vs scene graph, for shapes questions
     captions_by_objects: dict[int, list[int]] = field(default_factory=dict)  # objects in scene -> [every object right, n]
+    by_form: dict[str, list[int]] = field(default_factory=dict)  # "mc" (options A-D) / "open" -> [correct, n]
 
     @property
     def accuracy(self) -> float:
@@ -48,7 +49,8 @@ class AccuracyReport:
         return {"accuracy": self.accuracy, "ci95": [lo, hi], "n": self.n, "correct": self.correct,
                 "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
                 "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions,
-                "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())}}
+                "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())},
+                "by_form": self.by_form}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -58,6 +60,8 @@ class AccuracyReport:
         if pairs:
             lines.append(f"  judge chose the first of two responses in {self.judge_picks['first']}/{pairs} pairs "
                          f"({self.judge_picks['first'] / pairs:.0%}; an unbiased judge: about 50%)")
+        if len(self.by_form) > 1:  # a model that reasons right but cannot name the letter shows here
+            lines.append("  by form: " + ", ".join(f"{k} {r / n:.3f} ({r}/{n})" for k, (r, n) in sorted(self.by_form.items())))
         c = self.captions
         if c.get("checked"):
             lines.append(f"  captions: object count right in {c['count_right']}/{c['checked']}, every object right in "
@@ -88,6 +92,7 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     picks = {"first": 0, "second": 0}
     captions: dict[str, int] = defaultdict(int)
     by_objects: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    by_form: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
         ans = answer(item)
         spent += ans.seconds
@@ -106,10 +111,13 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
         correct += ok
         cats[item.category][0] += ok
         cats[item.category][1] += 1
+        by_form["mc" if item.choices else "open"][0] += ok
+        by_form["mc" if item.choices else "open"][1] += 1
         if not ok:
             failures.append({"id": item.id, "category": item.category, "question": item.question,
                              "expected": item.reference, "got": got})
     by_cat = {c: {"accuracy": k / n, "correct": k, "n": n, "ci95": list(wilson_interval(k, n))}
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
-                          spent / max(1, len(items)), picks, dict(captions), dict(by_objects))
+                          spent / max(1, len(items)), picks, dict(captions), dict(by_objects),
+                          dict(by_form))

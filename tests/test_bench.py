@@ -33,6 +33,11 @@ def test_accuracy_on_jsonl(trained, capsys):
     assert all(0 <= cap[f"wrong_{a}"] <= paired for a in ("size", "color", "shape")) and cap["made_up"] >= 0
     by_n = doc["captions_by_objects"]  # the same checks split by how many objects the scene has
     assert sum(n for _, n in by_n.values()) == 12 and sum(r for r, _ in by_n.values()) == cap["objects_right"]
+    forms = doc["by_form"]  # multiple choice (options A-D) and open questions, each counted once
+    recs = [json.loads(line) for line in (trained.data / "records.jsonl").read_text().splitlines()]
+    mc = sum(1 for r in recs if r["meta"].get("form") == "mc")
+    assert 0 < mc < 12 and forms["mc"][1] == mc and sum(n for _, n in forms.values()) == 12
+    assert sum(k for k, _ in forms.values()) == doc["correct"]
 
 
 def test_accuracy_reports_which_response_the_judge_picks(trained, capsys):
