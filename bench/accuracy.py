@@ -111,8 +111,9 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
         correct += ok
         cats[item.category][0] += ok
         cats[item.category][1] += 1
-        by_form["mc" if item.choices else "open"][0] += ok
-        by_form["mc" if item.choices else "open"][1] += 1
+        form = by_form["mc" if item.choices else "open"]
+        form[0] += ok
+        form[1] += 1
         if not ok:
             failures.append({"id": item.id, "category": item.category, "question": item.question,
                              "expected": item.reference, "got": got})

@@ -174,11 +174,11 @@ def freeze_unused_vision(model) -> list[str]:
 
 def _apply_training_mode(model, cfg: TrainConfig):
     freeze_unused_vision(model)
-    if cfg.freeze_vision and (cfg.init or cfg.full or not cfg.lora):
-        for p in model.model.vision_tower.parameters():
-            p.requires_grad_(False)
-    if cfg.init or cfg.full or not cfg.lora:
-        return model  # from scratch: everything else trains
+    if cfg.init or cfg.full or not cfg.lora:  # every weight trains, the tower too unless frozen
+        if cfg.freeze_vision:
+            for p in model.model.vision_tower.parameters():
+                p.requires_grad_(False)
+        return model
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
