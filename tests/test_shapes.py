@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from llavao1_edge.judge import parse_pairwise_verdict, parse_reasoning_check
-from llavao1_edge.records import read_records, read_tsv
+from llavao1_edge.records import mc_prompt, read_records, read_tsv
 from llavao1_edge.stages import parse_answer
 from llavao1_train.data_cli import main as data_main
 from llavao1_train.data_cli import validate_file
@@ -277,3 +277,60 @@ def test_caption_order_reaches_the_records(tmp_path):
         assert any(marker in a for a in answers)
     with pytest.raises(ValueError, match="--caption-order"):
         ShapesConfig(caption_order="diagonal").validate()
+
+
+def test_mc_step_check_lists_the_options_as_the_question_does_and_stops_at_the_match(tmp_path):
+    from llavao1_train.shapes.questions import render_stages
+    from llavao1_train.shapes.scene import Scene, ShapeObject
+
+    scene = Scene((ShapeObject("red", "circle", "small", 0.2, 0.5), ShapeObject("blue", "square", "large", 0.7, 0.5)))
+    choices = {"A": "3", "B": "2", "C": "1", "D": "4"}
+    _, match = render_stages("count_all", {}, scene, "mc", choices)  # default: the shipped wording
+    assert match["reasoning"].endswith("There are 2 objects. The answer 2 matches option B.")
+    _, check = render_stages("count_all", {}, scene, "mc", choices, "check")
+    assert check["reasoning"].endswith("There are 2 objects. Checking the options:\nA. 3 is not 2\nB. 2 is 2\n"
+                                       "The answer is option B.")
+    assert match["conclusion"] == check["conclusion"] == "B"
+    # each option line repeats the question's own "\nB. 2" so the value is a copy of the same tokens
+    question = mc_prompt("How many objects are there?", choices)
+    assert "\nB. 2\n" in question and "\nB. 2 is 2\n" in check["reasoning"]
+    _, missing = render_stages("count_all", {}, scene, "mc", {"A": "3", "B": "1"}, "check")
+    assert missing["conclusion"] == "none" and missing["reasoning"].endswith("B. 1 is not 2\nNone of the options matches.")
+    with pytest.raises(ValueError, match="mc_step"):
+        render_stages("count_all", {}, scene, "mc", choices, "vote")
+
+
+def test_mc_step_reaches_records_and_judge_examples_but_not_the_questions(tmp_path):
+    runs = {}
+    for step in ("match", "check"):
+        write_dataset(ShapesConfig(n=40, seed=3, kinds=("cot", "judge"), mc_step=step), tmp_path / step, progress=False)
+        runs[step] = list(read_records(tmp_path / step / "records.jsonl"))
+    cot = {s: [r for r in recs if r.meta["kind"] == "cot"] for s, recs in runs.items()}
+    # same questions, same answers: only the reasoning's last step differs
+    assert [(r.question, r.meta["answer"]) for r in cot["match"]] == [(r.question, r.meta["answer"]) for r in cot["check"]]
+    mc = [r for r in cot["check"] if r.meta["form"] == "mc"]
+    assert mc and all("Checking the options:\n" in r.answer for r in mc)
+    judged = [r for r in runs["check"] if r.meta["kind"] == "judge" and r.meta["unit"] == "reasoning"]
+    assert any("Checking the options:" in r.question for r in judged)  # corrupted reasoning re-rendered in kind
+    assert not any("matches option" in r.question for r in judged)
+    with pytest.raises(ValueError, match="--mc-step"):
+        ShapesConfig(mc_step="vote").validate()
+
+
+def test_option_drill_gives_the_value_and_asks_only_for_the_option_step(tmp_path):
+    write_dataset(ShapesConfig(n=24, seed=5, kinds=("cot", "option"), mc_step="check"), tmp_path, progress=False)
+    recs = list(read_records(tmp_path / "records.jsonl"))
+    cot = [r for r in recs if r.meta["kind"] == "cot"]
+    drills = [r for r in recs if r.meta["kind"] == "option"]
+    assert len(drills) == len(cot) == 24 and all(r.image is None for r in drills)  # one per question, text only
+    for c, d in zip(cot, drills, strict=True):
+        question, reply = d.question, d.answer
+        choices = dict(re.findall(r"\n([A-D])\. (\S+)", question))
+        assert question.endswith(f"\nThe answer is {c.meta['value']}. Which option is it?")
+        assert choices[d.meta["answer"]] == c.meta["value"]  # the named letter holds the given value
+        assert reply.startswith("Checking the options:\n") and reply.endswith(f"option {d.meta['answer']}.")
+        if c.meta["form"] == "mc":  # the same options and the same step as the question's reasoning
+            assert c.meta["choices"] == choices and c.answer.split("</REASONING>")[0].rstrip().endswith(reply)
+    assert {c.meta["form"] for c in cot} == {"mc", "open"}  # open questions get options of their own
+    with pytest.raises(ValueError, match="--kinds"):
+        ShapesConfig(split="eval", kinds=("cot", "option")).validate()

@@ -20,7 +20,7 @@ from llavao1_edge.records import RecordError, read_records, read_tsv
 from llavao1_edge.stages import parse_answer
 
 from .shapes.dataset import FORMATS, KINDS, SPLITS, ShapesConfig, write_dataset
-from .shapes.questions import FAMILIES
+from .shapes.questions import FAMILIES, MC_STEPS
 from .shapes.scene import CAPTION_ORDERS
 
 
@@ -46,17 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jsonl (LLaVA-CoT conversations) or tsv (VLMEvalKit multiple choice)")
     s.add_argument("--kinds", type=_csv, default=None,
                    help=f"records per question, comma list of {','.join(KINDS)} "
-                   "(default: all for train, cot for eval)")
+                   f"(default: {','.join(d.kinds)} for train, cot for eval)")
     s.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels (default %(default)s)")
     s.add_argument("--mc-fraction", type=float, default=d.mc_fraction,
                    help="share of multiple-choice questions in jsonl output (default %(default)s)")
     s.add_argument("--judge-fraction", type=float, default=d.judge_fraction,
                    help="share of questions that also get judge examples (default %(default)s)")
+    s.add_argument("--option-fraction", type=float, default=d.option_fraction,
+                   help="share of questions that also get an option drill, with --kinds ...,option (default %(default)s)")
     s.add_argument("--families", type=_csv, default=d.families,
                    help=f"question families, comma list (default all: {','.join(FAMILIES)})")
     s.add_argument("--caption-order", choices=CAPTION_ORDERS, default=d.caption_order,
                    help="how captions list the objects: left-to-right (the shipped model), or regions "
                    "(top left, top, ... bottom right; measured, not shipped) (default %(default)s)")
+    s.add_argument("--mc-step", choices=MC_STEPS, default=d.mc_step,
+                   help="how the reasoning names a multiple-choice option: match (one sentence, 'The answer 2 "
+                   "matches option B.'; the shipped model) or check (the options line by line as the question "
+                   "lists them, ending on the match) (default %(default)s)")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -70,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    kinds = args.kinds if args.kinds is not None else (("cot",) if args.split == "eval" else KINDS)
+    kinds = args.kinds if args.kinds is not None else (("cot",) if args.split == "eval" else ShapesConfig().kinds)
     cfg = ShapesConfig(n=args.n, seed=args.seed, split=args.split, kinds=kinds, image_size=args.image_size,
-                       mc_fraction=args.mc_fraction, judge_fraction=args.judge_fraction, families=args.families,
-                       format=args.format, caption_order=args.caption_order)
+                       mc_fraction=args.mc_fraction, judge_fraction=args.judge_fraction,
+                       option_fraction=args.option_fraction, families=args.families,
+                       format=args.format, caption_order=args.caption_order, mc_step=args.mc_step)
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))
         return 0

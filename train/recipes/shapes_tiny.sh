@@ -29,6 +29,12 @@ CAPTION_ORDER=${SHAPES_CAPTION_ORDER:-left-to-right}
 # and SHAPES_MAX_STEPS=2800 to fit 2 hours it scored 0.408 greedy vs 0.464 (README). SHAPES_PRECISION=bf16 autocasts
 # the forward pass to bf16: 1.5-2.2x faster in short timing loops on CPUs with AMX, but over a long shapes-tiny
 # run slower than fp32 (15.0 vs 17.9 samples/s, both grouped; README). fp32 for the shipped model.
+# SHAPES_MC_STEP=check names a multiple-choice option by rewriting the options line by line as the question lists
+# them, ending on the match (llavao1-data shapes --mc-step); match (the shipped model) says "The answer 2 matches option B.".
+MC_STEP=${SHAPES_MC_STEP:-match}
+# SHAPES_OPTION_DRILL=F adds a text-only option drill to a share F of the questions (--kinds ...,option
+# --option-fraction F): options and answer value given, the reply is the option step alone. 0: none (shipped).
+DRILL=${SHAPES_OPTION_DRILL:-0}
 INIT=${SHAPES_INIT:-shapes-tiny}
 PRECISION=${SHAPES_PRECISION:-fp32}
 # SHAPES_GROUP_BY_LENGTH=1 batches records of similar length together (llavao1-train --group-by-length):
@@ -38,9 +44,10 @@ GROUP=${SHAPES_GROUP_BY_LENGTH:-0}
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
+[ "$DRILL" = 0 ] || KINDS="$KINDS,option"
 DATA="$RUN/data/train-$VARIANT"
 [ -f "$DATA/records.jsonl" ] || llavao1-data shapes --out "$DATA" --n "$N" --seed "$SEED" --kinds "$KINDS" \
-    --judge-fraction 0.1 --caption-order "$CAPTION_ORDER"
+    --judge-fraction 0.1 --caption-order "$CAPTION_ORDER" --mc-step "$MC_STEP" $([ "$DRILL" = 0 ] || echo --option-fraction "$DRILL")
 TRAIN="$RUN/train-$VARIANT"
 RESUME=""
 [ -d "$TRAIN/checkpoints" ] && RESUME=--resume

@@ -14,14 +14,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llavao1_edge.records import IMAGE_TOKEN, MCQuestion, Record, Turn, write_records, write_tsv
+from llavao1_edge.records import (
+    IMAGE_TOKEN,
+    MCQuestion,
+    Record,
+    Turn,
+    mc_prompt,
+    write_records,
+    write_tsv,
+)
 from llavao1_edge.stages import render_answer
 
 from .judge_examples import judge_examples
-from .questions import FAMILIES, Question, make_question
+from .questions import FAMILIES, MC_STEPS, Question, choices_for, make_question, option_step
 from .scene import CAPTION_ORDERS, Scene, generate_scene, render_scene
 
-KINDS = ("cot", "direct", "judge")
+# "option": a text-only drill per question - the options and the answer value are given, the reply is the
+# reasoning's option step alone - so the model practises reading the option list with a dense signal.
+KINDS = ("cot", "direct", "judge", "option")
 SPLITS = ("train", "eval")
 FORMATS = ("jsonl", "tsv")
 
@@ -31,15 +41,19 @@ class ShapesConfig:
     n: int = 1000  # questions (one scene and image each)
     seed: int = 0
     split: str = "train"  # "eval" writes questions with reference answers only
-    kinds: tuple[str, ...] = ("cot", "direct", "judge")  # which records to write per question
+    kinds: tuple[str, ...] = ("cot", "direct", "judge")  # which records to write per question (of KINDS)
     image_size: int = 128  # pixels, square
     mc_fraction: float = 0.5  # share of multiple-choice questions (A-D) in jsonl output
     judge_fraction: float = 1.0  # share of questions that also get judge examples (kind "judge")
+    option_fraction: float = 1.0  # share of questions that also get an option drill (kind "option")
     families: tuple[str, ...] = field(default=FAMILIES)
     format: str = "jsonl"  # "tsv" writes a VLMEvalKit multiple-choice file
     caption_order: str = "left-to-right"  # how captions list objects: "left-to-right" or "regions"
+    mc_step: str = "match"  # how the reasoning names the option: "match" (one sentence) or "check" (line by line)
 
     def validate(self) -> None:
+        if self.mc_step not in MC_STEPS:
+            raise ValueError(f"--mc-step must be one of {', '.join(MC_STEPS)}, got {self.mc_step!r}")
         if self.caption_order not in CAPTION_ORDERS:
             raise ValueError(f"--caption-order must be one of {', '.join(CAPTION_ORDERS)}, got {self.caption_order!r}")
         if self.n < 1:
@@ -51,14 +65,15 @@ class ShapesConfig:
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ValueError(f"--kinds takes a comma list of {', '.join(KINDS)}; got {','.join(self.kinds) or 'nothing'}")
-        if self.split == "eval" and "judge" in self.kinds:
-            raise ValueError("--split eval writes questions only; drop 'judge' from --kinds")
+        extra = [k for k in self.kinds if k in ("judge", "option")]
+        if self.split == "eval" and extra:
+            raise ValueError(f"--split eval writes questions only; drop {' and '.join(map(repr, extra))} from --kinds")
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise ValueError(f"unknown question families {bad}; known: {', '.join(FAMILIES)}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be in 32..1024, got {self.image_size}")
-        for name in ("mc_fraction", "judge_fraction"):
+        for name in ("mc_fraction", "judge_fraction", "option_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
@@ -78,7 +93,7 @@ def build_examples(cfg: ShapesConfig) -> Iterator[Example]:
         form = "mc" if cfg.format == "tsv" or rng.random() < cfg.mc_fraction else "open"
         while True:  # some scenes allow no unambiguous question of a family: draw another
             scene = replace(generate_scene(rng), caption_order=cfg.caption_order)
-            q = make_question(family, scene, rng, form)
+            q = make_question(family, scene, rng, form, cfg.mc_step)
             if q is not None:
                 break
         yield Example(i, scene, q)
@@ -105,7 +120,19 @@ def _records_for(ex: Example, cfg: ShapesConfig, image: str) -> list[Record]:
             out.append(Record(f"{base}-judge{j}-{je.unit}", image if je.uses_image else None,
                               [Turn("human", prompt), Turn("gpt", je.target)],
                               {"kind": "judge", "unit": je.unit, "family": q.family}))
+    rng = random.Random(f"shapes-option:{cfg.split}:{cfg.seed}:{ex.index}")
+    if "option" in cfg.kinds and rng.random() < cfg.option_fraction:
+        out.append(_option_drill(q, f"{base}-option", rng))
     return out
+
+
+def _option_drill(q: Question, rid: str, rng: random.Random) -> Record:
+    """Text-only: the question with options (fresh ones for an open question) and its answer value -> the option step."""
+    choices = q.choices or choices_for(q.value, rng)
+    step, letter = option_step(q.value, choices, q.mc_step)
+    prompt = f"{mc_prompt(q.text, choices)}\nThe answer is {q.value}. Which option is it?"
+    return Record(rid, None, [Turn("human", prompt), Turn("gpt", step.strip())],
+                  {"kind": "option", "family": q.family, "answer": letter})
 
 
 def _png_bytes(scene: Scene, size: int) -> bytes:

@@ -24,6 +24,11 @@ FAMILIES: tuple[str, ...] = (
 RELATIONS = ("left", "right", "above", "below")
 SPATIAL_MARGIN = 0.06  # objects closer than this to the reference along the axis are ambiguous
 _LETTERS = "ABCD"
+# How the reasoning names the multiple-choice option. "match": one closing sentence, "The answer 2 matches
+# option B." (the shipped model; it names the letter at chance, README). "check": the options rewritten
+# line by line as the question lays them out ("\nA. 4 is not 2\nB. 2 is 2"), so each value is a copy of
+# the same tokens in the question and the letter is a few tokens back.
+MC_STEPS = ("match", "check")
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Question:
     value: str  # the open-form answer: "3", "red", "yes"
     choices: dict[str, str] | None  # letter -> option text, for "mc"
     stages: dict[str, str]  # summary, caption, reasoning, conclusion
+    mc_step: str = "match"  # one of MC_STEPS; judge examples re-render the stages with it
 
     @property
     def prompt(self) -> str:
@@ -294,21 +300,34 @@ def reasoning_text(family: str, spec: dict, scene: Scene) -> str:
     raise ValueError(f"unknown family {family!r}")
 
 
+def option_step(value: str, choices: dict[str, str], mc_step: str) -> tuple[str, str]:
+    """(text ending the reasoning, conclusion) that names the option holding `value`."""
+    letter = next((k for k, v in choices.items() if v == value), None)
+    if mc_step == "match":
+        if letter is None:
+            return f" The answer {value} is not among the options.", "none"
+        return f" The answer {value} matches option {letter}.", letter
+    if mc_step != "check":
+        raise ValueError(f"mc_step must be one of {MC_STEPS}, got {mc_step!r}")
+    lines = []
+    for k, v in choices.items():  # stop at the match: its letter starts the last line
+        lines.append(f"{k}. {v} is {value}" if v == value else f"{k}. {v} is not {value}")
+        if v == value:
+            break
+    end = f"The answer is option {letter}." if letter else "None of the options matches."
+    return " Checking the options:\n" + "\n".join(lines) + "\n" + end, letter or "none"
+
+
 def render_stages(family: str, spec: dict, scene: Scene, form: str,
-                  choices: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+                  choices: dict[str, str] | None, mc_step: str = "match") -> tuple[str, dict[str, str]]:
     """(value, stages) for a question on `scene`; deterministic."""
     value, _ = solve(family, spec, scene)
     reasoning = reasoning_text(family, spec, scene)
     conclusion = value
     if form == "mc":
         assert choices is not None
-        letter = next((k for k, v in choices.items() if v == value), None)
-        if letter is None:
-            reasoning += f" The answer {value} is not among the options."
-            conclusion = "none"
-        else:
-            reasoning += f" The answer {value} matches option {letter}."
-            conclusion = letter
+        step, conclusion = option_step(value, choices, mc_step)
+        reasoning += step
     stages = {
         "summary": summary_text(family, spec, form),
         "caption": caption_text(scene),
@@ -373,7 +392,8 @@ def pick_spec(family: str, scene: Scene, rng: random.Random) -> dict | None:
     raise ValueError(f"unknown family {family!r}")
 
 
-def _choices_for(family: str, spec: dict, value: str, rng: random.Random) -> dict[str, str]:
+def choices_for(value: str, rng: random.Random) -> dict[str, str]:
+    """Lettered options for `value`: the value and distractors of its kind, shuffled."""
     if value.isdigit():
         n = int(value)
         pool = [str(v) for v in range(max(0, n - 3), n + 4) if v != n]
@@ -392,7 +412,8 @@ def _choices_for(family: str, spec: dict, value: str, rng: random.Random) -> dic
     return dict(zip(_LETTERS, opts, strict=False))
 
 
-def make_question(family: str, scene: Scene, rng: random.Random, form: str = "open") -> Question | None:
+def make_question(family: str, scene: Scene, rng: random.Random, form: str = "open",
+                  mc_step: str = "match") -> Question | None:
     """A question of `family` about `scene` in `form` ("open" or "mc"), or None if the scene
     allows no unambiguous question of that family."""
     if form not in ("open", "mc"):
@@ -404,6 +425,6 @@ def make_question(family: str, scene: Scene, rng: random.Random, form: str = "op
     text = question_text(family, spec)
     choices = None
     if form == "mc":
-        choices = _choices_for(family, spec, value, rng)
-    _, stages = render_stages(family, spec, scene, form, choices)
-    return Question(family, spec, form, text, value, choices, stages)
+        choices = choices_for(value, rng)
+    _, stages = render_stages(family, spec, scene, form, choices, mc_step)
+    return Question(family, spec, form, text, value, choices, stages, mc_step)
