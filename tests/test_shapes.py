@@ -332,5 +332,11 @@ def test_option_drill_gives_the_value_and_asks_only_for_the_option_step(tmp_path
         if c.meta["form"] == "mc":  # the same options and the same step as the question's reasoning
             assert c.meta["choices"] == choices and c.answer.split("</REASONING>")[0].rstrip().endswith(reply)
     assert {c.meta["form"] for c in cot} == {"mc", "open"}  # open questions get options of their own
+    # filler of random length between the options and the ask: the options sit at no fixed distance
+    fillers = [d.question.split("given choices.")[1].split("The answer is")[0] for d in drills]
+    assert len({len(f) for f in fillers}) > 12 and all("Checking the options" not in f for f in fillers)
+    for c, f in zip(cot, fillers, strict=True):  # the opening words of the question's own answer
+        words = re.sub(r"</?[A-Z]+>", " ", c.answer).split()
+        assert words[:len(f.split())] == f.split()
     with pytest.raises(ValueError, match="--kinds"):
         ShapesConfig(split="eval", kinds=("cot", "option")).validate()

@@ -29,8 +29,8 @@ from .judge_examples import judge_examples
 from .questions import FAMILIES, MC_STEPS, Question, choices_for, make_question, option_step
 from .scene import CAPTION_ORDERS, Scene, generate_scene, render_scene
 
-# "option": a text-only drill per question - the options and the answer value are given, the reply is the
-# reasoning's option step alone - so the model practises reading the option list with a dense signal.
+# "option": a text-only drill per question - the options, filler and the answer value are given, the reply is
+# the reasoning's option step alone - so the model practises reading the option list with a dense signal.
 KINDS = ("cot", "direct", "judge", "option")
 SPLITS = ("train", "eval")
 FORMATS = ("jsonl", "tsv")
@@ -127,10 +127,14 @@ def _records_for(ex: Example, cfg: ShapesConfig, image: str) -> list[Record]:
 
 
 def _option_drill(q: Question, rid: str, rng: random.Random) -> Record:
-    """Text-only: the question with options (fresh ones for an open question) and its answer value -> the option step."""
+    """Text-only: the question with options (fresh ones for an open question), then a random-length opening of
+    its own answer as filler, then the answer value -> the option step. Without the filler the options sit at a
+    fixed distance and the model learns to read them by position, which fails in a real answer (README)."""
     choices = q.choices or choices_for(q.value, rng)
     step, letter = option_step(q.value, choices, q.mc_step)
-    prompt = f"{mc_prompt(q.text, choices)}\nThe answer is {q.value}. Which option is it?"
+    words = " ".join(q.stages[s] for s in ("summary", "caption", "reasoning")).split()
+    filler = " ".join(words[:rng.randint(0, len(words))]).split(" Checking the options:")[0]
+    prompt = "\n".join(p for p in (mc_prompt(q.text, choices), filler, f"The answer is {q.value}. Which option is it?") if p)
     return Record(rid, None, [Turn("human", prompt), Turn("gpt", step.strip())],
                   {"kind": "option", "family": q.family, "answer": letter})
 
