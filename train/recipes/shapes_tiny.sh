@@ -33,7 +33,9 @@ CAPTION_ORDER=${SHAPES_CAPTION_ORDER:-left-to-right}
 # them, ending on the match (llavao1-data shapes --mc-step); match (the shipped model) says "The answer 2 matches option B.".
 MC_STEP=${SHAPES_MC_STEP:-match}
 # SHAPES_OPTION_DRILL=F adds a text-only option drill to a share F of the questions (--kinds ...,option
-# --option-fraction F): options and answer value given, the reply is the option step alone. 0: none (shipped).
+# --option-fraction F): options, filler and answer value given, the reply is the option step alone. 0: none (shipped).
+# With SHAPES_VISION_STEPS=2000 SHAPES_FREEZE_VISION=1 SHAPES_MAX_STEPS=3000 SHAPES_MC_STEP=check SHAPES_OPTION_DRILL=0.5:
+# greedy 0.610 vs the shipped 0.464 (README, Results); not shipped yet.
 DRILL=${SHAPES_OPTION_DRILL:-0}
 INIT=${SHAPES_INIT:-shapes-tiny}
 PRECISION=${SHAPES_PRECISION:-fp32}
