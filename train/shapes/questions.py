@@ -27,7 +27,7 @@ _LETTERS = "ABCD"
 # How the reasoning names the multiple-choice option. "match": one closing sentence, "The answer 2 matches
 # option B." (the shipped model; it names the letter at chance, README). "check": the options rewritten
 # line by line as the question lays them out ("\nA. 4 is not 2\nB. 2 is 2"), so each value is a copy of
-# the same tokens in the question and the letter is a few tokens back.
+# the same tokens in the question and the letter is a few tokens back (with option drills: 0.610 greedy, README).
 MC_STEPS = ("match", "check")
 
 
