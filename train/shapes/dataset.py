@@ -26,7 +26,15 @@ from llavao1_edge.records import (
 from llavao1_edge.stages import render_answer
 
 from .judge_examples import judge_examples
-from .questions import FAMILIES, MC_STEPS, Question, choices_for, make_question, option_step
+from .questions import (
+    CHECK_OPENING,
+    FAMILIES,
+    MC_STEPS,
+    Question,
+    choices_for,
+    make_question,
+    option_step,
+)
 from .scene import CAPTION_ORDERS, Scene, generate_scene, render_scene
 
 # "option": a text-only drill per question - the options, filler and the answer value are given, the reply is
@@ -133,7 +141,7 @@ def _option_drill(q: Question, rid: str, rng: random.Random) -> Record:
     choices = q.choices or choices_for(q.value, rng)
     step, letter = option_step(q.value, choices, q.mc_step)
     words = " ".join(q.stages[s] for s in ("summary", "caption", "reasoning")).split()
-    filler = " ".join(words[:rng.randint(0, len(words))]).split(" Checking the options:")[0]
+    filler = " ".join(words[:rng.randint(0, len(words))]).split(CHECK_OPENING)[0]
     prompt = "\n".join(p for p in (mc_prompt(q.text, choices), filler, f"The answer is {q.value}. Which option is it?") if p)
     return Record(rid, None, [Turn("human", prompt), Turn("gpt", step.strip())],
                   {"kind": "option", "family": q.family, "answer": letter})

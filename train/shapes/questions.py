@@ -29,6 +29,7 @@ _LETTERS = "ABCD"
 # line by line as the question lays them out ("\nA. 4 is not 2\nB. 2 is 2"), so each value is a copy of
 # the same tokens in the question and the letter is a few tokens back (with option drills: 0.610 greedy, README).
 MC_STEPS = ("match", "check")
+CHECK_OPENING = " Checking the options:"  # how the "check" step begins
 
 
 @dataclass
@@ -315,7 +316,7 @@ def option_step(value: str, choices: dict[str, str], mc_step: str) -> tuple[str,
         if v == value:
             break
     end = f"The answer is option {letter}." if letter else "None of the options matches."
-    return " Checking the options:\n" + "\n".join(lines) + "\n" + end, letter or "none"
+    return CHECK_OPENING + "\n" + "\n".join(lines) + "\n" + end, letter or "none"
 
 
 def render_stages(family: str, spec: dict, scene: Scene, form: str,
