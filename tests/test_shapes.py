@@ -317,24 +317,28 @@ def test_mc_step_reaches_records_and_judge_examples_but_not_the_questions(tmp_pa
         ShapesConfig(mc_step="vote").validate()
 
 
-def test_option_drill_gives_the_value_and_asks_only_for_the_option_step(tmp_path):
-    write_dataset(ShapesConfig(n=24, seed=5, kinds=("cot", "option"), mc_step="check"), tmp_path, progress=False)
+@pytest.mark.parametrize("mc_step", ["check", "match"])
+def test_option_drill_gives_the_value_and_asks_only_for_the_option_step(tmp_path, mc_step):
+    write_dataset(ShapesConfig(n=200, seed=5, kinds=("cot", "option"), mc_step=mc_step), tmp_path, progress=False)
     recs = list(read_records(tmp_path / "records.jsonl"))
     cot = [r for r in recs if r.meta["kind"] == "cot"]
     drills = [r for r in recs if r.meta["kind"] == "option"]
-    assert len(drills) == len(cot) == 24 and all(r.image is None for r in drills)  # one per question, text only
+    assert len(drills) == len(cot) == 200 and all(r.image is None for r in drills)  # one per question, text only
     for c, d in zip(cot, drills, strict=True):
         question, reply = d.question, d.answer
         choices = dict(re.findall(r"\n([A-D])\. (\S+)", question))
         assert question.endswith(f"\nThe answer is {c.meta['value']}. Which option is it?")
         assert choices[d.meta["answer"]] == c.meta["value"]  # the named letter holds the given value
-        assert reply.startswith("Checking the options:\n") and reply.endswith(f"option {d.meta['answer']}.")
+        assert reply.startswith("Checking the options:\n" if mc_step == "check" else "The answer ")
+        assert reply.endswith(f"option {d.meta['answer']}.")
         if c.meta["form"] == "mc":  # the same options and the same step as the question's reasoning
             assert c.meta["choices"] == choices and c.answer.split("</REASONING>")[0].rstrip().endswith(reply)
     assert {c.meta["form"] for c in cot} == {"mc", "open"}  # open questions get options of their own
     # filler of random length between the options and the ask: the options sit at no fixed distance
     fillers = [d.question.split("given choices.")[1].split("The answer is")[0] for d in drills]
-    assert len({len(f) for f in fillers}) > 12 and all("Checking the options" not in f for f in fillers)
+    assert len({len(f) for f in fillers}) > 12
+    for f in fillers:  # no part of the option step (the reply) leaks into the filler
+        assert "Checking the options:" not in f and "The answer" not in f and not re.search(r"[A-D]\. \S+ is", f)
     for c, f in zip(cot, fillers, strict=True):  # the opening words of the question's own answer
         words = re.sub(r"</?[A-Z]+>", " ", c.answer).split()
         assert words[:len(f.split())] == f.split()

@@ -141,7 +141,8 @@ def _option_drill(q: Question, rid: str, rng: random.Random) -> Record:
     choices = q.choices or choices_for(q.value, rng)
     step, letter = option_step(q.value, choices, q.mc_step)
     words = " ".join(q.stages[s] for s in ("summary", "caption", "reasoning")).split()
-    filler = " ".join(words[:rng.randint(0, len(words))]).split(CHECK_OPENING)[0]
+    opening = CHECK_OPENING if q.mc_step == "check" else " The answer"  # the filler stops before the option step
+    filler = " ".join(words[:rng.randint(0, len(words))]).split(opening)[0]
     prompt = "\n".join(p for p in (mc_prompt(q.text, choices), filler, f"The answer is {q.value}. Which option is it?") if p)
     return Record(rid, None, [Turn("human", prompt), Turn("gpt", step.strip())],
                   {"kind": "option", "family": q.family, "answer": letter})
