@@ -43,14 +43,25 @@ for fa in auto off; do
             --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
     done
 done
-# 5. stage search with greedy decoding as candidate 1 (+greedy), and with the judge asked both orders (+swap);
-# per-question results (failures) of greedy too, for the paired comparison; greedy's also checks the captions
-for s in greedy stage:4:logprob+greedy stage:2:logprob+greedy stage:4+greedy stage:4+greedy+swap stage:4+swap \
-    stage:2+greedy+swap; do
-    f="$OUT/accuracy_$(echo "$s" | tr ':+' '__').json"
-    [ -f "$f" ] || { llavao1-bench accuracy --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
-        --data "$EVAL/records.jsonl" --search "$s" --threads 1 --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
+# 4b. the settings without a judge (and the judge both orders) against greedy, timed in one go (no reference)
+for s in greedy stage:2:logprob+greedy stage:4:logprob+greedy stage:4+greedy+swap; do
+    f="$OUT/latency_extra_$(echo "$s" | tr ':+' '__').json"
+    [ -f "$f" ] || { llavao1-bench latency --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+        --search "$s" --limit 8 --repeats 2 --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
 done
+# 5. stage search with greedy decoding as candidate 1 (+greedy), and with the judge asked both orders (+swap);
+# per-question results (failures) of greedy too, for the paired comparison; greedy's also checks the captions.
+# Two lanes side by side, one thread each, the most telling settings first.
+accuracy() {
+    local f="$OUT/accuracy_$(echo "$1" | tr ':+' '__').json"
+    [ -f "$f" ] || { llavao1-bench accuracy --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+        --data "$EVAL/records.jsonl" --search "$1" --threads 1 --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
+}
+(for s in greedy stage:4+greedy+swap stage:4+swap; do accuracy "$s"; done) &
+LANE=$!
+for s in stage:4:logprob+greedy stage:2:logprob+greedy stage:4+greedy stage:2+greedy+swap; do accuracy "$s"; done
+wait $LANE
 cp "$G/verify.txt" "$OUT/verify.txt"
 cp "$RUN/train-structured/log.jsonl" "$OUT/train_log.jsonl"
+if [ -f "$D/verify.txt" ]; then cp "$RUN/train-direct/log.jsonl" "$OUT/train_log_direct.jsonl"; cp "$D/verify.txt" "$OUT/verify_direct.txt"; fi
 echo "done: $OUT"
