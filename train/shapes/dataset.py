@@ -27,8 +27,8 @@ from llavao1_edge.stages import render_answer
 
 from .judge_examples import judge_examples
 from .questions import (
-    CHECK_OPENING,
     FAMILIES,
+    MC_STEP_OPENINGS,
     MC_STEPS,
     Question,
     choices_for,
@@ -141,8 +141,7 @@ def _option_drill(q: Question, rid: str, rng: random.Random) -> Record:
     choices = q.choices or choices_for(q.value, rng)
     step, letter = option_step(q.value, choices, q.mc_step)
     words = " ".join(q.stages[s] for s in ("summary", "caption", "reasoning")).split()
-    opening = CHECK_OPENING if q.mc_step == "check" else " The answer"  # the filler stops before the option step
-    filler = " ".join(words[:rng.randint(0, len(words))]).split(opening)[0]
+    filler = " ".join(words[:rng.randint(0, len(words))]).split(MC_STEP_OPENINGS[q.mc_step])[0]  # not the step
     prompt = "\n".join(p for p in (mc_prompt(q.text, choices), filler, f"The answer is {q.value}. Which option is it?") if p)
     return Record(rid, None, [Turn("human", prompt), Turn("gpt", step.strip())],
                   {"kind": "option", "family": q.family, "answer": letter})

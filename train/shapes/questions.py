@@ -29,7 +29,8 @@ _LETTERS = "ABCD"
 # line by line as the question lays them out ("\nA. 4 is not 2\nB. 2 is 2"), so each value is a copy of
 # the same tokens in the question and the letter is a few tokens back (with option drills: 0.610 greedy, README).
 MC_STEPS = ("match", "check")
-CHECK_OPENING = " Checking the options:"  # how the "check" step begins
+# How each step begins: where a drill's filler, cut from the answer's own text, must stop.
+MC_STEP_OPENINGS = {"match": " The answer", "check": " Checking the options:"}
 
 
 @dataclass
@@ -306,8 +307,8 @@ def option_step(value: str, choices: dict[str, str], mc_step: str) -> tuple[str,
     letter = next((k for k, v in choices.items() if v == value), None)
     if mc_step == "match":
         if letter is None:
-            return f" The answer {value} is not among the options.", "none"
-        return f" The answer {value} matches option {letter}.", letter
+            return f"{MC_STEP_OPENINGS['match']} {value} is not among the options.", "none"
+        return f"{MC_STEP_OPENINGS['match']} {value} matches option {letter}.", letter
     if mc_step != "check":
         raise ValueError(f"mc_step must be one of {MC_STEPS}, got {mc_step!r}")
     lines = []
@@ -316,7 +317,7 @@ def option_step(value: str, choices: dict[str, str], mc_step: str) -> tuple[str,
         if v == value:
             break
     end = f"The answer is option {letter}." if letter else "None of the options matches."
-    return CHECK_OPENING + "\n" + "\n".join(lines) + "\n" + end, letter or "none"
+    return MC_STEP_OPENINGS["check"] + "\n" + "\n".join(lines) + "\n" + end, letter or "none"
 
 
 def render_stages(family: str, spec: dict, scene: Scene, form: str,
