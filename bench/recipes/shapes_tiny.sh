@@ -26,37 +26,33 @@ llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mm
 QUANT=$!
 wait $SEARCH
 wait $QUANT
+# once FILE CMD...: run CMD into FILE (through FILE.tmp, so a stopped run leaves no half-written file) unless it exists
+once() { local f=$1; shift; [ -f "$f" ] || { "$@" > "$f.tmp" && mv "$f.tmp" "$f"; }; }
 # 3. the direct-answer variant (train/recipes/shapes_tiny.sh RUN direct), same questions
 D="$RUN/gguf-direct"
-if [ -f "$D/final-f16.gguf" ] && [ ! -f "$OUT/accuracy_direct_f16.json" ]; then
-    llavao1-bench accuracy --model "$D/final-f16.gguf" --mmproj "$D/mmproj-final-f16.gguf" \
-        --data "$EVAL/records.jsonl" --search greedy --json -q > "$OUT/accuracy_direct_f16.json.tmp"
-    mv "$OUT/accuracy_direct_f16.json.tmp" "$OUT/accuracy_direct_f16.json"
+if [ -f "$D/final-f16.gguf" ]; then
+    once "$OUT/accuracy_direct_f16.json" llavao1-bench accuracy --model "$D/final-f16.gguf" \
+        --mmproj "$D/mmproj-final-f16.gguf" --data "$EVAL/records.jsonl" --search greedy --json -q
 fi
 # 4. latency of the search against greedy and against the paper-style implementation (shipped examples),
 # with llama.cpp's flash attention left to llama.cpp (auto: on for CPU) and off
+latency() { once "$1" llavao1-bench latency --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
+    --limit 8 --repeats 2 --json -q "${@:2}"; }
 for fa in auto off; do
     for s in greedy stage:2 stage:4; do
-        f="$OUT/latency_${s/:/_}$([ "$fa" = auto ] || echo "_fa-$fa").json"
-        [ -f "$f" ] || { llavao1-bench latency --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
-            --search "$s" --limit 8 --repeats 2 --flash-attn "$fa" $([ "$s" = greedy ] || echo --compare-reference) \
-            --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
+        latency "$OUT/latency_${s/:/_}$([ "$fa" = auto ] || echo "_fa-$fa").json" --search "$s" --flash-attn "$fa" \
+            $([ "$s" = greedy ] || echo --compare-reference)
     done
 done
 # 4b. the settings without a judge (and the judge both orders) against greedy, timed in one go (no reference)
 for s in greedy stage:2:logprob+greedy stage:4:logprob+greedy stage:4+greedy+swap; do
-    f="$OUT/latency_extra_$(echo "$s" | tr ':+' '__').json"
-    [ -f "$f" ] || { llavao1-bench latency --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
-        --search "$s" --limit 8 --repeats 2 --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
+    latency "$OUT/latency_extra_$(echo "$s" | tr ':+' '__').json" --search "$s"
 done
 # 5. stage search with greedy decoding as candidate 1 (+greedy), and with the judge asked both orders (+swap);
 # per-question results (failures) of greedy too, for the paired comparison; greedy's also checks the captions.
 # Two lanes side by side, one thread each, the most telling settings first.
-accuracy() {
-    local f="$OUT/accuracy_$(echo "$1" | tr ':+' '__').json"
-    [ -f "$f" ] || { llavao1-bench accuracy --model "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
-        --data "$EVAL/records.jsonl" --search "$1" --threads 1 --json -q > "$f.tmp" && mv "$f.tmp" "$f"; }
-}
+accuracy() { once "$OUT/accuracy_$(echo "$1" | tr ':+' '__').json" llavao1-bench accuracy --model "$G/final-f16.gguf" \
+    --mmproj "$G/mmproj-final-f16.gguf" --data "$EVAL/records.jsonl" --search "$1" --threads 1 --json -q; }
 (for s in greedy stage:4+greedy+swap stage:4+swap; do accuracy "$s"; done) &
 LANE=$!
 for s in stage:4:logprob+greedy stage:2:logprob+greedy stage:4+greedy stage:2+greedy+swap; do accuracy "$s"; done
