@@ -344,3 +344,48 @@ def test_option_drill_gives_the_value_and_asks_only_for_the_option_step(tmp_path
         assert words[:len(f.split())] == f.split()
     with pytest.raises(ValueError, match="--kinds"):
         ShapesConfig(split="eval", kinds=("cot", "option")).validate()
+
+
+def test_caption_records_hold_the_image_and_the_caption_stage_alone(tmp_path):
+    kinds = ("cot", "option")
+    write_dataset(ShapesConfig(n=120, seed=6, kinds=kinds, option_fraction=0.5), tmp_path / "a", progress=False)
+    write_dataset(ShapesConfig(n=120, seed=6, kinds=(*kinds, "caption"), option_fraction=0.5, caption_fraction=0.5),
+                  tmp_path / "b", progress=False)
+    recs = list(read_records(tmp_path / "b" / "records.jsonl"))
+    caps = [r for r in recs if r.meta["kind"] == "caption"]
+    assert 40 < len(caps) < 80  # about half the questions
+    cot = {r.id.removesuffix("-cot"): r for r in recs if r.meta["kind"] == "cot"}
+    for c in caps:
+        q = cot[c.id.removesuffix("-caption")]
+        assert c.image == q.image and c.question == "Describe the image."  # no question to copy a colour from
+        assert c.answer == "<CAPTION> " + parse_answer(q.answer).stages["caption"] + " </CAPTION>"
+        assert c.meta["scene"] == q.meta["scene"]
+    # adding captions leaves every other record byte-identical (each kind draws from its own RNG)
+    other = [line for line in (tmp_path / "b" / "records.jsonl").read_text().splitlines()
+             if json.loads(line)["meta"]["kind"] != "caption"]
+    assert other == (tmp_path / "a" / "records.jsonl").read_text().splitlines()
+    with pytest.raises(ValueError, match="--kinds"):
+        ShapesConfig(split="eval", kinds=("cot", "caption")).validate()
+
+
+def test_reasoning_drill_gives_summary_and_caption_and_asks_for_the_rest(tmp_path):
+    write_dataset(ShapesConfig(n=80, seed=7, kinds=("cot", "reasoning"), reasoning_fraction=1.0), tmp_path,
+                  progress=False)
+    recs = list(read_records(tmp_path / "records.jsonl"))
+    cot = [r for r in recs if r.meta["kind"] == "cot"]
+    drills = [r for r in recs if r.meta["kind"] == "reasoning"]
+    assert len(drills) == len(cot) == 80 and all(d.image is None for d in drills)  # text only: no image to look at
+    listed = 0
+    for c, d in zip(cot, drills, strict=True):
+        head, tail = c.answer.split("<REASONING>")
+        assert d.question == c.question + "\n" + head.rstrip()  # the question, then SUMMARY and CAPTION as answered
+        assert d.answer == "<REASONING>" + tail  # the reply: REASONING and CONCLUSION, the same text
+        caption = parse_answer(c.answer).stages["caption"]
+        for obj in re.findall(r"(?:small|large) \w+ (?:circle|square|triangle) (?:at|in) the [a-z ]+?(?=[,.]| and )",
+                              parse_answer(d.answer).stages["reasoning"]):
+            assert obj in caption  # every object the reasoning lists can be copied from the given caption
+            listed += 1
+    assert listed > 40
+    assert ShapesConfig(kinds=("cot",), reasoning_fraction=0.3).kinds == ("cot",)
+    with pytest.raises(ValueError, match="--reasoning-fraction"):
+        ShapesConfig(reasoning_fraction=1.5).validate()

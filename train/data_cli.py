@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of questions that also get judge examples (default %(default)s)")
     s.add_argument("--option-fraction", type=float, default=d.option_fraction,
                    help="share of questions that also get an option drill, with --kinds ...,option (default %(default)s)")
+    s.add_argument("--caption-fraction", type=float, default=d.caption_fraction,
+                   help="share of questions that also get a caption-only record (the image, 'Describe the image.' "
+                   "-> the CAPTION stage), with --kinds ...,caption (default %(default)s)")
+    s.add_argument("--reasoning-fraction", type=float, default=d.reasoning_fraction,
+                   help="share of questions that also get a text-only reasoning drill (question, SUMMARY and CAPTION "
+                   "given -> REASONING and CONCLUSION), with --kinds ...,reasoning (default %(default)s)")
     s.add_argument("--families", type=_csv, default=d.families,
                    help=f"question families, comma list (default all: {','.join(FAMILIES)})")
     s.add_argument("--caption-order", choices=CAPTION_ORDERS, default=d.caption_order,
@@ -79,7 +85,9 @@ def _shapes(args: argparse.Namespace) -> int:
     kinds = args.kinds if args.kinds is not None else (("cot",) if args.split == "eval" else ShapesConfig().kinds)
     cfg = ShapesConfig(n=args.n, seed=args.seed, split=args.split, kinds=kinds, image_size=args.image_size,
                        mc_fraction=args.mc_fraction, judge_fraction=args.judge_fraction,
-                       option_fraction=args.option_fraction, families=args.families,
+                       option_fraction=args.option_fraction,
+                       caption_fraction=args.caption_fraction, reasoning_fraction=args.reasoning_fraction,
+                       families=args.families,
                        format=args.format, caption_order=args.caption_order, mc_step=args.mc_step)
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))

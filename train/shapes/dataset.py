@@ -23,7 +23,7 @@ from llavao1_edge.records import (
     write_records,
     write_tsv,
 )
-from llavao1_edge.stages import render_answer
+from llavao1_edge.stages import STAGE_SEPARATOR, render_answer, render_stage
 
 from .judge_examples import judge_examples
 from .questions import (
@@ -39,7 +39,12 @@ from .scene import CAPTION_ORDERS, Scene, generate_scene, render_scene
 
 # "option": a text-only drill per question - the options, filler and the answer value are given, the reply is
 # the reasoning's option step alone - so the model practises reading the option list with a dense signal.
-KINDS = ("cot", "direct", "judge", "option")
+# "caption": the image and "Describe the image." -> the CAPTION stage alone: no question to copy a colour from,
+# so every colour word must be read from the image (the stuck shipped model learnt colours from these; README).
+# "reasoning": text-only, the question and the answer's SUMMARY and CAPTION given, the reply is REASONING and
+# CONCLUSION: the objects must be taken from the caption by content (left alone, the model re-perceives them; README).
+KINDS = ("cot", "direct", "judge", "option", "caption", "reasoning")
+CAPTION_PROMPT = "Describe the image."
 SPLITS = ("train", "eval")
 FORMATS = ("jsonl", "tsv")
 
@@ -54,6 +59,8 @@ class ShapesConfig:
     mc_fraction: float = 0.5  # share of multiple-choice questions (A-D) in jsonl output
     judge_fraction: float = 1.0  # share of questions that also get judge examples (kind "judge")
     option_fraction: float = 1.0  # share of questions that also get an option drill (kind "option")
+    caption_fraction: float = 1.0  # share of questions that also get a caption-only record (kind "caption")
+    reasoning_fraction: float = 1.0  # share of questions that also get a reasoning drill (kind "reasoning")
     families: tuple[str, ...] = field(default=FAMILIES)
     format: str = "jsonl"  # "tsv" writes a VLMEvalKit multiple-choice file
     caption_order: str = "left-to-right"  # how captions list objects: "left-to-right" or "regions"
@@ -73,7 +80,7 @@ class ShapesConfig:
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ValueError(f"--kinds takes a comma list of {', '.join(KINDS)}; got {','.join(self.kinds) or 'nothing'}")
-        extra = [k for k in self.kinds if k in ("judge", "option")]
+        extra = [k for k in self.kinds if k in ("judge", "option", "caption", "reasoning")]
         if self.split == "eval" and extra:
             raise ValueError(f"--split eval writes questions only; drop {' and '.join(map(repr, extra))} from --kinds")
         bad = [f for f in self.families if f not in FAMILIES]
@@ -81,7 +88,8 @@ class ShapesConfig:
             raise ValueError(f"unknown question families {bad}; known: {', '.join(FAMILIES)}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be in 32..1024, got {self.image_size}")
-        for name in ("mc_fraction", "judge_fraction", "option_fraction"):
+        for name in ("mc_fraction", "judge_fraction", "option_fraction", "caption_fraction",
+                     "reasoning_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
@@ -131,6 +139,17 @@ def _records_for(ex: Example, cfg: ShapesConfig, image: str) -> list[Record]:
     rng = random.Random(f"shapes-option:{cfg.split}:{cfg.seed}:{ex.index}")
     if "option" in cfg.kinds and rng.random() < cfg.option_fraction:
         out.append(_option_drill(q, f"{base}-option", rng))
+    rng = random.Random(f"shapes-caption:{cfg.split}:{cfg.seed}:{ex.index}")
+    if "caption" in cfg.kinds and rng.random() < cfg.caption_fraction:
+        out.append(Record(f"{base}-caption", image, [Turn("human", f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"),
+                                                     Turn("gpt", render_stage("caption", q.stages["caption"]))],
+                          {"kind": "caption", "family": q.family, "scene": meta["scene"]}))
+    rng = random.Random(f"shapes-reasoning:{cfg.split}:{cfg.seed}:{ex.index}")
+    if "reasoning" in cfg.kinds and rng.random() < cfg.reasoning_fraction:
+        given = STAGE_SEPARATOR.join(render_stage(s, q.stages[s]) for s in ("summary", "caption"))
+        reply = STAGE_SEPARATOR.join(render_stage(s, q.stages[s]) for s in ("reasoning", "conclusion"))
+        out.append(Record(f"{base}-reasoning", None, [Turn("human", f"{q.prompt}\n{given}"), Turn("gpt", reply)],
+                          {"kind": "reasoning", "family": q.family, "answer": q.answer}))
     return out
 
 
