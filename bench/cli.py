@@ -5,6 +5,7 @@ examples:
   llavao1-bench batching --threads 2          # is a step with N sequences ~1x or ~Nx one? (search's price)
   llavao1-bench accuracy --data eval/records.jsonl --search greedy --limit 200
   llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
+  llavao1-bench colour --model runs/shapes-tiny/train-mix/final --data eval/records.jsonl  # reads colours or copies?
   llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
       --quants F16,Q8_0,Q4_K_M --search greedy,stage:2 --limit 100 --out sweep/
 
@@ -73,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--data", required=True, help="LLaVA-CoT .jsonl or VLMEvalKit .tsv")
     acc.add_argument("--search", default="greedy", help=SEARCH_HELP)
     acc.add_argument("--limit", type=int)
+
+    col = sub.add_parser("colour", help="does a checkpoint read colours from the image or copy the question's? "
+                         "(shapes data, torch)",
+                         description="Teacher-forced caption colour words against the scene and against the "
+                         "question's colour (and with that colour swapped), plus a linear probe of colour and shape "
+                         "at the object-centre patches of the tower's features and the projector's output.")
+    col.add_argument("--model", required=True, help="Hugging Face LLaVA checkpoint folder (e.g. RUN/train-mix/final)")
+    col.add_argument("--data", required=True, help="shapes records.jsonl with four-stage answers and meta.scene")
+    col.add_argument("--limit", type=int, default=150, help="questions to teacher-force (default %(default)s)")
+    col.add_argument("--probe-images", type=int, default=1500, help="images for the probe (default %(default)s)")
+    col.add_argument("--json", action="store_true", help="print one JSON object")
 
     sw = sub.add_parser("sweep", help="accuracy and latency over quantization types x search settings")
     sw.add_argument("--data", required=True)
@@ -163,6 +175,12 @@ def _run(args) -> int:
         return 0
     if args.command == "batching":
         return _batching(args)
+    if args.command == "colour":
+        from .colour import measure_colour
+
+        report = measure_colour(args.model, args.data, args.limit, args.probe_images)
+        print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+        return 0
     cfg = parse_search(args.search)
     model, mmproj = _model_paths(args)
     items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit or 5)
@@ -190,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "sweep":
         require_extra("llavao1-bench", "bench", ("matplotlib",))
+    if args.command == "colour":
+        require_extra("llavao1-bench", "train", ("torch", "transformers"))
     from llavao1_edge.api import ModelNotFound
     from llavao1_edge.engine import EngineError
     from llavao1_edge.images import ImageError

@@ -165,3 +165,26 @@ def test_batching_reports_step_cost_per_row_count(trained, tmp_path, capsys):
                        "--prefix", "16", "--steps", "4", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert "random-llama-128x2" in doc["model"] and [r["rows"] for r in doc["rows"]] == [1, 2]
+
+
+def test_colour_counts_every_caption_colour_word_and_probes_both_places(trained, capsys):
+    import re
+
+    from llavao1_edge.records import read_records
+
+    records = trained.data / "records.jsonl"
+    assert bench_main(["colour", "--model", str(trained.hf), "--data", str(records), "--probe-images", "12",
+                       "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    cots = [r for r in read_records(records) if r.meta["kind"] == "cot"]
+    colour_words = r"\b(red|green|blue|yellow|purple|orange)\b"
+    expected = sum(len(re.findall(colour_words, r.answer.split("<CAPTION>")[1].split("</CAPTION>")[0])) for r in cots)
+    assert rep["questions"] == len(cots) and rep["plain_slots"] + rep["named_slots"] == expected > 0
+    assert rep["named_slots"] > 0  # count_color questions name a colour
+    assert 0 <= rep["named_copied"] <= rep["named_other"] <= rep["named_slots"]
+    assert rep["swapped_follow"] <= rep["named_slots"] and rep["plain_right"] <= rep["plain_slots"]
+    for where in ("tower", "projector"):
+        assert set(rep["probe"][where]) == {"colour_acc", "shape_acc", "colour_spread", "shape_spread"}
+        assert 0.0 <= rep["probe"][where]["colour_acc"] <= 1.0 and rep["probe"][where]["colour_spread"] > 0
+    assert bench_main(["colour", "--model", str(trained.hf), "--data", str(trained.data / "missing.jsonl")]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
