@@ -4,7 +4,7 @@
 #   bash train/recipes/shapes_tiny.sh [RUN_DIR] [structured|direct]
 #
 # structured (default): the four-stage model with judge examples and option drills (the one the package ships;
-# ~11 min of tower pretraining + ~70 min of LLaVA training on 2 cores).
+# on 2 cores ~11 min of tower pretraining + ~70 min of LLaVA training + ~30 min of caption fine-tuning).
 # direct: the same questions answered without stages, for the structured-vs-direct comparison.
 # A killed run continues where it stopped when started again (llavao1-train --resume).
 set -euo pipefail
@@ -18,7 +18,7 @@ EPOCHS=${SHAPES_EPOCHS:-3}           # used only when SHAPES_MAX_STEPS=0
 RECIPE=${SHAPES_RECIPE:-current}
 if [ "$RECIPE" = first ]; then
     MAX_STEPS=${SHAPES_MAX_STEPS:-4000}; VISION_STEPS=${SHAPES_VISION_STEPS:-0}; FREEZE=${SHAPES_FREEZE_VISION:-0}
-    MC_STEP=${SHAPES_MC_STEP:-match}; DRILL=${SHAPES_OPTION_DRILL:-0}
+    MC_STEP=${SHAPES_MC_STEP:-match}; DRILL=${SHAPES_OPTION_DRILL:-0}; CAPTION_STEPS=${SHAPES_CAPTION_STEPS:-0}
 else
     # Optimizer steps (batch 16): 3,000 = 1.44 passes over the 33,358 records (16,000 questions, judge
     # examples for 10%, option drills for 50%).
@@ -36,11 +36,21 @@ else
     # --option-fraction F): options, filler and answer value given, the reply is the option step alone; 0: none.
     # Check step + drills lifted greedy from 0.456 to 0.610: the decoder learns to find the option by content.
     DRILL=${SHAPES_OPTION_DRILL:-0.5}
+    # SHAPES_CAPTION_STEPS=N then teaches the colours: the main stage's model names objects' shapes but not their
+    # colours (it writes the question's colour), so N steps on caption-only records (the image, "Describe the
+    # image." -> the CAPTION stage; nothing to copy a colour from) follow, then SHAPES_MIX_STEPS on the main
+    # stage's records plus caption records for half the questions, so the rest is not forgotten; 0: neither.
+    CAPTION_STEPS=${SHAPES_CAPTION_STEPS:-750}
+    MIX_STEPS=${SHAPES_MIX_STEPS:-1000}
+    # SHAPES_REASONING_DRILL=F adds to that mix a text-only reasoning drill for a share F of the questions
+    # (--kinds ...,reasoning): question, SUMMARY and CAPTION given -> REASONING and CONCLUSION, so the reasoning
+    # takes its objects from the caption instead of looking again; 0: none.
+    REASONING_DRILL=${SHAPES_REASONING_DRILL:-0}
 fi
 if [ "$VARIANT" = direct ]; then
     # 2,520 steps of 16 = 2.52 passes over its 16,000 records, as the first recipe's 4,000 structured steps
     # over 25,426; direct answers have no option step to drill.
-    MAX_STEPS=${SHAPES_MAX_STEPS:-2520}; MC_STEP=match; DRILL=0
+    MAX_STEPS=${SHAPES_MAX_STEPS:-2520}; MC_STEP=match; DRILL=0; CAPTION_STEPS=0
 fi
 # SHAPES_CAPTION_ORDER=regions lists objects region by region (top left ... bottom right) instead of left to
 # right (llavao1-data shapes --caption-order). Not shipped: better captions, level accuracy (0.442 vs 0.464; README).
@@ -69,10 +79,29 @@ RESUME=""
 [ -f "$TRAIN/final/model.safetensors" ] || llavao1-train --data "$DATA" --out "$TRAIN" --init "$INIT" \
     --precision "$PRECISION" $([ "$GROUP" = 0 ] || echo --group-by-length) --lr 3e-4 --epochs "$EPOCHS" $([ "$MAX_STEPS" = 0 ] || echo --max-steps "$MAX_STEPS") --batch-size 16 --max-length 1024 \
     $([ "$VISION_STEPS" = 0 ] || echo --pretrain-vision-steps "$VISION_STEPS") $([ "$FREEZE" = 0 ] || echo --freeze-vision) --save-every 250 --log-every 25 --seed 0 $RESUME
+FINAL="$TRAIN/final"
+if [ "$CAPTION_STEPS" != 0 ]; then
+    # finetune FROM DATA OUT STEPS: continue training FROM's weights (all but the frozen tower) at the same lr
+    finetune() {
+        local resume=""; [ -d "$3/checkpoints" ] && resume=--resume
+        [ -f "$3/final/model.safetensors" ] || llavao1-train --model "$1" --data "$2" --out "$3" --full --freeze-vision \
+            --lr 3e-4 --max-steps "$4" --batch-size 16 --max-length 1024 --save-every 250 --log-every 50 --seed 0 $resume
+    }
+    shapes() { [ -f "$1/records.jsonl" ] || llavao1-data shapes --out "$1" --n "$N" --seed "$SEED" --caption-order "$CAPTION_ORDER" \
+        --mc-step "$MC_STEP" "${@:2}"; }
+    shapes "$RUN/data/train-captions" --kinds caption --caption-fraction 1
+    finetune "$FINAL" "$RUN/data/train-captions" "$RUN/train-captions" "$CAPTION_STEPS"
+    # the main stage's records (byte-identical: each kind draws from its own RNG) plus captions and reasoning drills
+    MIX_KINDS="$KINDS,caption"; [ "$REASONING_DRILL" = 0 ] || MIX_KINDS="$MIX_KINDS,reasoning"
+    shapes "$RUN/data/train-mix" --kinds "$MIX_KINDS" --judge-fraction 0.1 --caption-fraction 0.5 \
+        --reasoning-fraction "$REASONING_DRILL" $([ "$DRILL" = 0 ] || echo --option-fraction "$DRILL")
+    finetune "$RUN/train-captions/final" "$RUN/data/train-mix" "$RUN/train-mix" "$MIX_STEPS"
+    FINAL="$RUN/train-mix/final"
+fi
 GGUF="$RUN/gguf-$VARIANT"
-llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f32
-llavao1-export gguf --model "$TRAIN/final" --out "$GGUF" --outtype f16
-llavao1-export verify --model "$TRAIN/final" --gguf "$GGUF/final-f32.gguf" --mmproj "$GGUF/mmproj-final-f32.gguf" \
+llavao1-export gguf --model "$FINAL" --out "$GGUF" --outtype f32
+llavao1-export gguf --model "$FINAL" --out "$GGUF" --outtype f16
+llavao1-export verify --model "$FINAL" --gguf "$GGUF/final-f32.gguf" --mmproj "$GGUF/mmproj-final-f32.gguf" \
     | tee "$GGUF/verify.txt"
 for q in Q8_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q2_K; do
     llavao1-export quantize "$GGUF/final-f16.gguf" "$GGUF/final-$q.gguf" --type "$q"
