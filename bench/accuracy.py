@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from llavao1_edge.answers import is_correct
 from llavao1_edge.stages import parse_answer
-from llavao1_train.shapes.questions import caption_check
+from llavao1_train.shapes.questions import caption_check, reasoning_check
 
 from .common import BenchItem, wilson_interval
 
@@ -71,6 +71,9 @@ class AccuracyReport:
                 lines.append(f"  caption errors: {c['left_out']} objects left out, {c['made_up']} made up; of the "
                              f"objects paired with the scene, {c['wrong_size']} wrong size, {c['wrong_color']} "
                              f"wrong colour, {c['wrong_shape']} wrong shape")
+            if c.get("reasoning_objects"):  # the reasoning should list the caption's objects, not look again
+                lines.append(f"  reasoning: {c['reasoning_from_caption']}/{c['reasoning_objects']} of the objects it "
+                             "names (with their place) are named so in the caption")
             lines.append("  every object right, by objects in the scene: " + ", ".join(
                 f"{k}: {r}/{n}" for k, (r, n) in sorted(self.captions_by_objects.items())))
         for cat, d in sorted(self.by_category.items()):
@@ -103,6 +106,7 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
         if caption is not None:
             captions["checked"] += 1
             check = caption_check(caption, item.scene)
+            check |= reasoning_check(parse_answer(ans.text).stages.get("reasoning") or "", caption)
             for k, v in check.items():
                 captions[k] += v
             by_objects[check["objects"]][0] += check["objects_right"]

@@ -31,6 +31,7 @@ def test_accuracy_on_jsonl(trained, capsys):
     assert cap["count_right"] >= 6 and cap["objects_wrong"] < cap["objects"]
     paired = cap["objects"] - cap["left_out"]  # what goes wrong, over the objects paired with the scene's
     assert all(0 <= cap[f"wrong_{a}"] <= paired for a in ("size", "color", "shape")) and cap["made_up"] >= 0
+    assert 0 <= cap["reasoning_from_caption"] <= cap["reasoning_objects"] > 0  # count_color reasoning names objects
     by_n = doc["captions_by_objects"]  # the same checks split by how many objects the scene has
     assert sum(n for _, n in by_n.values()) == 12 and sum(r for r, _ in by_n.values()) == cap["objects_right"]
     forms = doc["by_form"]  # multiple choice (options A-D) and open questions, each counted once

@@ -389,3 +389,21 @@ def test_reasoning_drill_gives_summary_and_caption_and_asks_for_the_rest(tmp_pat
     assert ShapesConfig(kinds=("cot",), reasoning_fraction=0.3).kinds == ("cot",)
     with pytest.raises(ValueError, match="--reasoning-fraction"):
         ShapesConfig(reasoning_fraction=1.5).validate()
+
+
+def test_reasoning_check_counts_the_objects_taken_from_the_caption():
+    from llavao1_train.shapes.questions import reasoning_check
+
+    named = checked = 0
+    for ex in build_examples(ShapesConfig(n=120, seed=8)):  # the reference answers take every object from the caption
+        check = reasoning_check(ex.question.stages["reasoning"], ex.question.stages["caption"])
+        assert check["reasoning_from_caption"] == check["reasoning_objects"]
+        named += check["reasoning_objects"]
+        checked += ex.question.family == "count_color"
+    assert named > 100 and checked > 0
+    caption = ("The image shows 3 objects. From left to right: a large red circle at the top left, a small red "
+               "square in the center and a small blue square at the bottom right.")
+    looked_again = "The red objects are: a large red circle at the top left and a large red square at the bottom."
+    assert reasoning_check(looked_again, caption) == {"reasoning_objects": 2, "reasoning_from_caption": 1}
+    twice = "a large red circle at the top left, a large red circle at the top left"  # only as often as the caption
+    assert reasoning_check(twice, caption) == {"reasoning_objects": 2, "reasoning_from_caption": 1}

@@ -138,6 +138,18 @@ def caption_check(caption: str, scene: list[dict]) -> dict[str, int]:
     return out
 
 
+_PLACED_OBJECT = re.compile(rf"\b(?:{'|'.join(SIZES)}) (?:{'|'.join(COLORS)}) (?:{'|'.join(SHAPES)}) (?:at|in) the "
+                           rf"(?:{'|'.join(sorted(REGIONS, key=len, reverse=True))})\b")
+
+
+def reasoning_check(reasoning: str, caption: str) -> dict[str, int]:
+    """Does the reasoning take its objects from the caption? Objects the reasoning names with their place
+    ("a large red circle at the top left"), and how many of them the caption names exactly so."""
+    named = _PLACED_OBJECT.findall(reasoning)
+    in_caption = Counter(_PLACED_OBJECT.findall(caption))
+    return {"reasoning_objects": len(named), "reasoning_from_caption": sum((Counter(named) & in_caption).values())}
+
+
 def _pair_objects(found: list[tuple], truth: list[tuple]) -> list[tuple[int, int]]:
     """(found index, truth index) pairs, min(len) of them, with the fewest differing attributes in
     total: a dynamic programme over subsets of the longer list (scenes have at most 8 objects)."""
