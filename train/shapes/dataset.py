@@ -129,23 +129,25 @@ def _records_for(ex: Example, cfg: ShapesConfig, image: str) -> list[Record]:
     if "direct" in cfg.kinds:
         out.append(Record(f"{base}-direct", image, [Turn("human", human), Turn("gpt", q.answer)],
                           {**meta, "kind": "direct"}))
-    rng = random.Random(f"shapes-judge:{cfg.split}:{cfg.seed}:{ex.index}")
-    if "judge" in cfg.kinds and rng.random() < cfg.judge_fraction:
+
+    def drawn(kind: str, fraction: float) -> random.Random | None:
+        """This question's RNG for the kind if it gets one: adding a kind leaves the others' records as they were."""
+        rng = random.Random(f"shapes-{kind}:{cfg.split}:{cfg.seed}:{ex.index}")
+        return rng if kind in cfg.kinds and rng.random() < fraction else None
+
+    if rng := drawn("judge", cfg.judge_fraction):
         for j, je in enumerate(judge_examples(q, ex.scene, rng)):
             prompt = f"{IMAGE_TOKEN}\n{je.prompt}" if je.uses_image else je.prompt
             out.append(Record(f"{base}-judge{j}-{je.unit}", image if je.uses_image else None,
                               [Turn("human", prompt), Turn("gpt", je.target)],
                               {"kind": "judge", "unit": je.unit, "family": q.family}))
-    rng = random.Random(f"shapes-option:{cfg.split}:{cfg.seed}:{ex.index}")
-    if "option" in cfg.kinds and rng.random() < cfg.option_fraction:
+    if rng := drawn("option", cfg.option_fraction):
         out.append(_option_drill(q, f"{base}-option", rng))
-    rng = random.Random(f"shapes-caption:{cfg.split}:{cfg.seed}:{ex.index}")
-    if "caption" in cfg.kinds and rng.random() < cfg.caption_fraction:
+    if drawn("caption", cfg.caption_fraction):
         out.append(Record(f"{base}-caption", image, [Turn("human", f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"),
                                                      Turn("gpt", render_stage("caption", q.stages["caption"]))],
                           {"kind": "caption", "family": q.family, "scene": meta["scene"]}))
-    rng = random.Random(f"shapes-reasoning:{cfg.split}:{cfg.seed}:{ex.index}")
-    if "reasoning" in cfg.kinds and rng.random() < cfg.reasoning_fraction:
+    if drawn("reasoning", cfg.reasoning_fraction):
         given = STAGE_SEPARATOR.join(render_stage(s, q.stages[s]) for s in ("summary", "caption"))
         reply = STAGE_SEPARATOR.join(render_stage(s, q.stages[s]) for s in ("reasoning", "conclusion"))
         out.append(Record(f"{base}-reasoning", None, [Turn("human", f"{q.prompt}\n{given}"), Turn("gpt", reply)],
