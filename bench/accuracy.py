@@ -102,11 +102,12 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
         for k, v in ans.timings.get("judge_picks", {}).items():
             picks[k] += v
         got = extract_prediction(ans.text)
-        caption = parse_answer(ans.text).stages.get("caption") if item.scene else None
+        stages = parse_answer(ans.text).stages if item.scene else {}
+        caption = stages.get("caption")
         if caption is not None:
             captions["checked"] += 1
             check = caption_check(caption, item.scene)
-            check |= reasoning_check(parse_answer(ans.text).stages.get("reasoning") or "", caption)
+            check |= reasoning_check(stages.get("reasoning") or "", caption)
             for k, v in check.items():
                 captions[k] += v
             by_objects[check["objects"]][0] += check["objects_right"]

@@ -19,8 +19,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
+from llavao1_train.shapes.scene import COLORS, SHAPES
+
+COLOURS = tuple(COLORS)
 
 
 @dataclass
@@ -114,29 +115,23 @@ def measure_colour(checkpoint: str | Path, records_path: str | Path, limit: int 
 
 def _probe(model, recs, root: Path, ispec, max_images: int, seed: int) -> dict:
     """Fit linear colour / shape read-outs at object-centre patches on 3/4 of the objects, score the rest."""
-    import numpy as np
     import torch
 
-    from llavao1_edge.images import load_image, preprocess
+    from llavao1_train.vision_pretrain import load_scenes
 
-    scenes: dict[str, list[dict]] = {}
-    for r in recs:
-        scenes.setdefault(r.image, r.meta["scene"])
-    images = list(scenes)[:max_images]
+    pixels, scenes = load_scenes(recs, root, ispec)  # [N, 3, S, S] float16, one per distinct image
+    pixels, scenes = pixels[:max_images], scenes[:max_images]
     vc = model.config.vision_config
     grid = vc.image_size // vc.patch_size
     feats: dict[str, list] = {"tower": [], "projector": []}
     colour, shape = [], []
-    for i in range(0, len(images), 100):
-        batch = images[i:i + 100]
-        px = torch.from_numpy(np.stack([preprocess(load_image(root / im), ispec.size, ispec.mean, ispec.std)
-                                        for im in batch]))
+    for i in range(0, len(scenes), 100):
         with torch.no_grad():
-            h = model.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[
+            h = model.model.vision_tower(pixel_values=pixels[i:i + 100].float(), output_hidden_states=True).hidden_states[
                 model.config.vision_feature_layer]  # [B, P, W]
             p = model.model.multi_modal_projector(h)  # [B, P, D]
-        for b, im in enumerate(batch):
-            for o in scenes[im]:
+        for b, objs in enumerate(scenes[i:i + 100]):
+            for o in objs:
                 k = min(int(o["y"] * grid), grid - 1) * grid + min(int(o["x"] * grid), grid - 1)
                 feats["tower"].append(h[b, k])
                 feats["projector"].append(p[b, k])

@@ -69,9 +69,13 @@ SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for tra
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
 [ "$DRILL" = 0 ] || KINDS="$KINDS,option"
+# shapes DIR ARGS...: the training questions (same n, seed, wording) with the records ARGS ask for, unless DIR has them
+shapes() { [ -f "$1/records.jsonl" ] || llavao1-data shapes --out "$1" --n "$N" --seed "$SEED" --caption-order "$CAPTION_ORDER" \
+    --mc-step "$MC_STEP" "${@:2}"; }
+MAIN_RECORDS=(--judge-fraction 0.1)
+[ "$DRILL" = 0 ] || MAIN_RECORDS+=(--option-fraction "$DRILL")
 DATA="$RUN/data/train-$VARIANT"
-[ -f "$DATA/records.jsonl" ] || llavao1-data shapes --out "$DATA" --n "$N" --seed "$SEED" --kinds "$KINDS" \
-    --judge-fraction 0.1 --caption-order "$CAPTION_ORDER" --mc-step "$MC_STEP" $([ "$DRILL" = 0 ] || echo --option-fraction "$DRILL")
+shapes "$DATA" --kinds "$KINDS" "${MAIN_RECORDS[@]}"
 TRAIN="$RUN/train-$VARIANT"
 RESUME=""
 [ -d "$TRAIN/checkpoints" ] && RESUME=--resume
@@ -87,14 +91,12 @@ if [ "$CAPTION_STEPS" != 0 ]; then
         [ -f "$3/final/model.safetensors" ] || llavao1-train --model "$1" --data "$2" --out "$3" --full --freeze-vision \
             --lr 3e-4 --max-steps "$4" --batch-size 16 --max-length 1024 --save-every 250 --log-every 50 --seed 0 $resume
     }
-    shapes() { [ -f "$1/records.jsonl" ] || llavao1-data shapes --out "$1" --n "$N" --seed "$SEED" --caption-order "$CAPTION_ORDER" \
-        --mc-step "$MC_STEP" "${@:2}"; }
     shapes "$RUN/data/train-captions" --kinds caption --caption-fraction 1
     finetune "$FINAL" "$RUN/data/train-captions" "$RUN/train-captions" "$CAPTION_STEPS"
     # the main stage's records (byte-identical: each kind draws from its own RNG) plus captions and reasoning drills
     MIX_KINDS="$KINDS,caption"; [ "$REASONING_DRILL" = 0 ] || MIX_KINDS="$MIX_KINDS,reasoning"
-    shapes "$RUN/data/train-mix" --kinds "$MIX_KINDS" --judge-fraction 0.1 --caption-fraction 0.5 \
-        --reasoning-fraction "$REASONING_DRILL" $([ "$DRILL" = 0 ] || echo --option-fraction "$DRILL")
+    shapes "$RUN/data/train-mix" --kinds "$MIX_KINDS" "${MAIN_RECORDS[@]}" --caption-fraction 0.5 \
+        --reasoning-fraction "$REASONING_DRILL"
     finetune "$RUN/train-captions/final" "$RUN/data/train-mix" "$RUN/train-mix" "$MIX_STEPS"
     FINAL="$RUN/train-mix/final"
 fi
