@@ -317,6 +317,56 @@ def test_mc_step_reaches_records_and_judge_examples_but_not_the_questions(tmp_pa
         ShapesConfig(mc_step="vote").validate()
 
 
+def test_reasoning_style_scan_walks_the_caption_in_order_with_a_running_count():
+    from llavao1_train.shapes.questions import caption_text, render_stages
+    from llavao1_train.shapes.scene import Scene, ShapeObject
+
+    scene = Scene((ShapeObject("red", "circle", "small", 0.1, 0.5), ShapeObject("blue", "square", "large", 0.4, 0.2),
+                   ShapeObject("red", "square", "large", 0.8, 0.8)))
+    _, listed = render_stages("count_color", {"filter": {"color": "red"}}, scene, "open", None)  # default: shipped
+    assert listed["reasoning"].startswith("The red objects are: a small red circle at the left and ")
+    _, scan = render_stages("count_color", {"filter": {"color": "red"}}, scene, "open", None, "match", "scan")
+    assert scan["reasoning"] == ("Going through the objects for red objects: a small red circle at the left: red? yes, "
+                                 "1; a large blue square at the top: red? no; a large red square at the bottom right: "
+                                 "red? yes, 2. There are 2 red objects.")
+    assert scan["conclusion"] == listed["conclusion"] == "2" and scan["caption"] == caption_text(scene)
+    # every step copies the caption's phrase for the object, in the caption's order
+    steps = re.findall(r"(a (?:small|large) \w+ \w+ (?:at|in) the [a-z ]+?): red\? (?:yes|no)", scan["reasoning"])
+    where = [caption_text(scene).find(step) for step in steps]
+    assert len(steps) == 3 and -1 not in where and where == sorted(where)
+    _, none = render_stages("count_shape", {"filter": {"shape": "triangle"}}, scene, "open", None, "match", "scan")
+    assert none["reasoning"].endswith("bottom right: triangle? no. There are 0 triangles.") and none["conclusion"] == "0"
+    # a unique object: the walk stops at it, without a count
+    _, attr = render_stages("attribute", {"ask": "size", "filter": {"color": "blue", "shape": "square"}}, scene,
+                            "open", None, "match", "scan")
+    assert attr["reasoning"] == ("Going through the objects for the blue square: a small red circle at the left: blue "
+                                 "square? no; a large blue square at the top: blue square? yes. Its size is large.")
+    _, arith = render_stages("arithmetic", {"remove": {"shape": "square"}}, scene, "open", None, "match", "scan")
+    assert "square at the top: square? yes, 1; " in arith["reasoning"] and arith["reasoning"].endswith("3 - 2 = 1. 1 object is left.")
+    with pytest.raises(ValueError, match="reasoning style"):
+        render_stages("count_all", {}, scene, "open", None, "match", "table")
+
+
+def test_reasoning_style_reaches_records_and_judge_examples_but_not_the_questions(tmp_path):
+    runs = {}
+    for style in ("list", "scan"):
+        write_dataset(ShapesConfig(n=48, seed=3, kinds=("cot", "judge"), reasoning_style=style), tmp_path / style,
+                      progress=False)
+        runs[style] = list(read_records(tmp_path / style / "records.jsonl"))
+    cot = {s: [r for r in recs if r.meta["kind"] == "cot"] for s, recs in runs.items()}
+    assert [(r.question, r.meta["answer"]) for r in cot["list"]] == [(r.question, r.meta["answer"]) for r in cot["scan"]]
+    for rec in cot["scan"]:
+        m, reasoning = rec.meta, parse_answer(rec.answer).stages["reasoning"]
+        if m["family"] in ("count_color", "count_shape", "count_color_shape"):
+            # the walk names every object once and marks exactly the ones the scene graph counts
+            assert reasoning.count("? no") + reasoning.count("? yes") == len(m["scene"]), rec.id
+            assert str(reasoning.count("? yes")) == independent_answer(m["family"], m["spec"], m["scene"]), rec.id
+    judged = [r for r in runs["scan"] if r.meta["kind"] == "judge" and r.meta["unit"] == "reasoning"]
+    assert any("Going through the objects" in r.question for r in judged)  # corrupted reasoning re-rendered in kind
+    with pytest.raises(ValueError, match="--reasoning-style"):
+        ShapesConfig(reasoning_style="table").validate()
+
+
 @pytest.mark.parametrize("mc_step", ["check", "match"])
 def test_option_drill_gives_the_value_and_asks_only_for_the_option_step(tmp_path, mc_step):
     write_dataset(ShapesConfig(n=200, seed=5, kinds=("cot", "option"), mc_step=mc_step), tmp_path, progress=False)

@@ -20,7 +20,7 @@ from llavao1_edge.records import RecordError, read_records, read_tsv
 from llavao1_edge.stages import parse_answer
 
 from .shapes.dataset import FORMATS, KINDS, SPLITS, ShapesConfig, write_dataset
-from .shapes.questions import FAMILIES, MC_STEPS
+from .shapes.questions import FAMILIES, MC_STEPS, REASONING_STYLES
 from .shapes.scene import CAPTION_ORDERS
 
 
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the reasoning names a multiple-choice option: match (one sentence, 'The answer 2 "
                    "matches option B.'; the shipped model) or check (the options line by line as the question "
                    "lists them, ending on the match) (default %(default)s)")
+    s.add_argument("--reasoning-style", choices=REASONING_STYLES, default=d.reasoning_style,
+                   help="how the reasoning picks objects out of the caption: list (names the matching ones at once; "
+                   "the shipped model) or scan (walks every object in caption order, 'a small red circle at the "
+                   "top: red? yes, 1; a large green square at the right: red? no') (default %(default)s)")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -88,7 +92,8 @@ def _shapes(args: argparse.Namespace) -> int:
                        option_fraction=args.option_fraction,
                        caption_fraction=args.caption_fraction, reasoning_fraction=args.reasoning_fraction,
                        families=args.families,
-                       format=args.format, caption_order=args.caption_order, mc_step=args.mc_step)
+                       format=args.format, caption_order=args.caption_order, mc_step=args.mc_step,
+                       reasoning_style=args.reasoning_style)
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))
         return 0

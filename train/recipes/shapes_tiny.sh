@@ -46,6 +46,11 @@ else
     # (--kinds ...,reasoning): question, SUMMARY and CAPTION given -> REASONING and CONCLUSION, so the reasoning
     # takes its objects from the caption instead of looking again; 0: none.
     REASONING_DRILL=${SHAPES_REASONING_DRILL:-0}
+    # SHAPES_MIX_REASONING=scan rewrites the mix's reasoning to walk the caption's objects in turn ("a small red
+    # circle at the top: red? yes, 1; a large green square at the right: red? no; ...", llavao1-data shapes --reasoning-style)
+    # instead of naming the matching ones at once (list), which the model gets wrong: a copy of the next caption
+    # item and a local check instead of a lookup by content.
+    MIX_REASONING=${SHAPES_MIX_REASONING:-list}
 fi
 if [ "$VARIANT" = direct ]; then
     # 2,520 steps of 16 = 2.52 passes over its 16,000 records, as the first recipe's 4,000 structured steps
@@ -93,10 +98,11 @@ if [ "$CAPTION_STEPS" != 0 ]; then
     }
     shapes "$RUN/data/train-captions" --kinds caption --caption-fraction 1
     finetune "$FINAL" "$RUN/data/train-captions" "$RUN/train-captions" "$CAPTION_STEPS"
-    # the main stage's records (byte-identical: each kind draws from its own RNG) plus captions and reasoning drills
+    # the main stage's records (byte-identical with list reasoning: each kind draws from its own RNG) plus captions
+    # and reasoning drills
     MIX_KINDS="$KINDS,caption"; [ "$REASONING_DRILL" = 0 ] || MIX_KINDS="$MIX_KINDS,reasoning"
     shapes "$RUN/data/train-mix" --kinds "$MIX_KINDS" "${MAIN_RECORDS[@]}" --caption-fraction 0.5 \
-        --reasoning-fraction "$REASONING_DRILL"
+        --reasoning-fraction "$REASONING_DRILL" --reasoning-style "$MIX_REASONING"
     finetune "$RUN/train-captions/final" "$RUN/data/train-mix" "$RUN/train-mix" "$MIX_STEPS"
     FINAL="$RUN/train-mix/final"
 fi

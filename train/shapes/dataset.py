@@ -30,6 +30,7 @@ from .questions import (
     FAMILIES,
     MC_STEP_OPENINGS,
     MC_STEPS,
+    REASONING_STYLES,
     Question,
     choices_for,
     make_question,
@@ -65,8 +66,11 @@ class ShapesConfig:
     format: str = "jsonl"  # "tsv" writes a VLMEvalKit multiple-choice file
     caption_order: str = "left-to-right"  # how captions list objects: "left-to-right" or "regions"
     mc_step: str = "match"  # how the reasoning names the option: "match" (one sentence) or "check" (line by line)
+    reasoning_style: str = "list"  # how the reasoning picks objects: "list" (at once) or "scan" (each in turn)
 
     def validate(self) -> None:
+        if self.reasoning_style not in REASONING_STYLES:
+            raise ValueError(f"--reasoning-style must be one of {', '.join(REASONING_STYLES)}, got {self.reasoning_style!r}")
         if self.mc_step not in MC_STEPS:
             raise ValueError(f"--mc-step must be one of {', '.join(MC_STEPS)}, got {self.mc_step!r}")
         if self.caption_order not in CAPTION_ORDERS:
@@ -109,7 +113,7 @@ def build_examples(cfg: ShapesConfig) -> Iterator[Example]:
         form = "mc" if cfg.format == "tsv" or rng.random() < cfg.mc_fraction else "open"
         while True:  # some scenes allow no unambiguous question of a family: draw another
             scene = replace(generate_scene(rng), caption_order=cfg.caption_order)
-            q = make_question(family, scene, rng, form, cfg.mc_step)
+            q = make_question(family, scene, rng, form, cfg.mc_step, cfg.reasoning_style)
             if q is not None:
                 break
         yield Example(i, scene, q)

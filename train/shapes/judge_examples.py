@@ -60,11 +60,11 @@ def _corrupt(q: Question, scene: Scene, stage: str, rng: random.Random) -> tuple
             wrong, flaw = summary_text(family, spec, q.form), "plans for a different question"
         elif stage == "caption":
             bad_scene, flaw = _perturb_scene(scene, rng)
-            _, st = render_stages(q.family, q.spec, bad_scene, q.form, q.choices, q.mc_step)
+            _, st = render_stages(q.family, q.spec, bad_scene, q.form, q.choices, q.mc_step, q.reasoning_style)
             wrong = st["caption"]
         elif stage == "reasoning":
             bad_scene, _ = _perturb_scene(scene, rng)
-            _, st = render_stages(q.family, q.spec, bad_scene, q.form, q.choices, q.mc_step)
+            _, st = render_stages(q.family, q.spec, bad_scene, q.form, q.choices, q.mc_step, q.reasoning_style)
             wrong, flaw = st["reasoning"], "reasons from objects that are not in the description"
             if wrong == right or rng.random() < 0.3:
                 steps = right.split(". ")

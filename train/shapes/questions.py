@@ -31,6 +31,12 @@ _LETTERS = "ABCD"
 MC_STEPS = ("match", "check")
 # How each step begins: where a drill's filler, cut from the answer's own text, must stop.
 MC_STEP_OPENINGS = {"match": " The answer", "check": " Checking the options:"}
+# How the reasoning picks objects out of the caption. "list": names the matching ones at once ("The red objects
+# are: a ... and a ...."), a lookup by content the shipped model gets wrong (it takes 20% of them from its caption,
+# README). "scan": walks the caption's objects in order, copying each and marking it ("a small red circle at the
+# top: red? yes, 1; a large green square at the right: red? no;"), so each step is the next caption item plus a
+# local check.
+REASONING_STYLES = ("list", "scan")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Question:
     choices: dict[str, str] | None  # letter -> option text, for "mc"
     stages: dict[str, str]  # summary, caption, reasoning, conclusion
     mc_step: str = "match"  # one of MC_STEPS; judge examples re-render the stages with it
+    reasoning_style: str = "list"  # one of REASONING_STYLES; likewise
 
     @property
     def prompt(self) -> str:
@@ -271,31 +278,55 @@ def _predicate(flt: dict) -> str:
     return " ".join(flt[k] for k in ("size", "color") if k in flt)
 
 
-def _count_steps(objs: list[ShapeObject], flt: dict) -> str:
+def _scan(scene: Scene, flt: dict, first_only: bool = False) -> str:
+    """'Going through the objects for red objects: a small green triangle at the left: red? no; a small red circle at
+    the top: red? yes, 1.' - every object in caption order with a running count (first_only: stop at the match, no
+    count). Each step restates what is sought next to the object's own words, so the yes/no compares nearby tokens."""
+    sought = " ".join(flt[k] for k in ("size", "color", "shape") if k in flt)
+    steps, found = [], 0
+    for o in scene.listed():
+        if not matches(o, flt):
+            steps.append(f"{o.describe()}: {sought}? no")
+            continue
+        found += 1
+        steps.append(f"{o.describe()}: {sought}? yes" + ("" if first_only else f", {found}"))
+        if first_only:
+            break
+    target = f"the {noun(flt, False)}" if first_only else noun(flt, True)
+    return f"Going through the objects for {target}: {'; '.join(steps)}."
+
+
+def _count_steps(scene: Scene, objs: list[ShapeObject], flt: dict, style: str) -> str:
     plural, singular = noun(flt, True), noun(flt, False)
+    if style == "scan":
+        return f"{_scan(scene, flt)} {_are(len(objs), plural, singular)}"
     if not objs:
         return f"No object is {_predicate(flt)}. There are 0 {plural}."
     return f"The {plural} are: {_listing(objs)}. Counting them: {_counting(len(objs))}. {_are(len(objs), plural, singular)}"
 
 
-def reasoning_text(family: str, spec: dict, scene: Scene) -> str:
+def reasoning_text(family: str, spec: dict, scene: Scene, style: str = "list") -> str:
+    if style not in REASONING_STYLES:
+        raise ValueError(f"reasoning style must be one of {REASONING_STYLES}, got {style!r}")
     value, objs = solve(family, spec, scene)
     if family == "count_all":
         n = len(scene.objects)
         return f"Counting every object in the description: {_counting(n)}. {_are(n, 'objects', 'object')}"
     if family in ("count_color", "count_shape", "count_color_shape"):
-        return _count_steps(objs, spec["filter"])
+        return _count_steps(scene, objs, spec["filter"], style)
     if family == "attribute":
         g = noun(spec["filter"], False)
         if not objs:
             return f"No object is {_predicate(spec['filter'])}."
+        if style == "scan":
+            return f"{_scan(scene, spec['filter'], first_only=True)} Its {spec['ask']} is {value}."
         return f"The only {g} is {objs[0].describe()}. Its {spec['ask']} is {value}."
     if family == "spatial":
         g, rel = noun(spec["ref"], False), _relation_phrase(spec["relation"])
         if not objs:
             return f"No object is {_predicate(spec['ref'])}."
         ref = objs[0]
-        head = f"The {g} is {ref.describe()}."
+        head = _scan(scene, spec["ref"], first_only=True) if style == "scan" else f"The {g} is {ref.describe()}."
         if len(objs) == 1:
             return f"{head} No object is {rel} it."
         return f"{head} The only object {rel} it is {objs[1].describe()}. Its {spec['ask']} is {value}."
@@ -304,12 +335,12 @@ def reasoning_text(family: str, spec: dict, scene: Scene) -> str:
         pa, pb = noun(spec["a"], True), noun(spec["b"], True)
         cmp = "more than" if len(a) > len(b) else ("equal to" if len(a) == len(b) else "fewer than")
         verdict = "there are" if value == "yes" else "there are not"
-        return (f"{_count_steps(a, spec['a'])} {_count_steps(b, spec['b'])} {len(a)} is {cmp} {len(b)}, "
+        return (f"{_count_steps(scene, a, spec['a'], style)} {_count_steps(scene, b, spec['b'], style)} {len(a)} is {cmp} {len(b)}, "
                 f"so {verdict} more {pa} than {pb}. The answer is {value}.")
     if family == "arithmetic":
         n, k = len(scene.objects), len(objs)
         left = f"{n - k} object is left." if n - k == 1 else f"{n - k} objects are left."
-        return (f"There are {n} objects in total. {_count_steps(objs, spec['remove'])} "
+        return (f"There are {n} objects in total. {_count_steps(scene, objs, spec['remove'], style)} "
                 f"Removing {k} from {n} leaves {n} - {k} = {n - k}. {left}")
     raise ValueError(f"unknown family {family!r}")
 
@@ -333,10 +364,11 @@ def option_step(value: str, choices: dict[str, str], mc_step: str) -> tuple[str,
 
 
 def render_stages(family: str, spec: dict, scene: Scene, form: str,
-                  choices: dict[str, str] | None, mc_step: str = "match") -> tuple[str, dict[str, str]]:
+                  choices: dict[str, str] | None, mc_step: str = "match",
+                  reasoning_style: str = "list") -> tuple[str, dict[str, str]]:
     """(value, stages) for a question on `scene`; deterministic."""
     value, _ = solve(family, spec, scene)
-    reasoning = reasoning_text(family, spec, scene)
+    reasoning = reasoning_text(family, spec, scene, reasoning_style)
     conclusion = value
     if form == "mc":
         assert choices is not None
@@ -427,7 +459,7 @@ def choices_for(value: str, rng: random.Random) -> dict[str, str]:
 
 
 def make_question(family: str, scene: Scene, rng: random.Random, form: str = "open",
-                  mc_step: str = "match") -> Question | None:
+                  mc_step: str = "match", reasoning_style: str = "list") -> Question | None:
     """A question of `family` about `scene` in `form` ("open" or "mc"), or None if the scene
     allows no unambiguous question of that family."""
     if form not in ("open", "mc"):
@@ -440,5 +472,5 @@ def make_question(family: str, scene: Scene, rng: random.Random, form: str = "op
     choices = None
     if form == "mc":
         choices = choices_for(value, rng)
-    _, stages = render_stages(family, spec, scene, form, choices, mc_step)
-    return Question(family, spec, form, text, value, choices, stages, mc_step)
+    _, stages = render_stages(family, spec, scene, form, choices, mc_step, reasoning_style)
+    return Question(family, spec, form, text, value, choices, stages, mc_step, reasoning_style)
