@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(shapes data, torch)",
                          description="Teacher-forced caption colour words against the scene and against the "
                          "question's colour (and with that colour swapped), plus a linear probe of colour and shape "
-                         "at the object-centre patches of the tower's features and the projector's output.")
+                         "at the object-centre patches of the tower's features and the projector's output. On records "
+                         "written with llavao1-data shapes --reasoning-style scan it also counts the reasoning's "
+                         "'red? yes' / 'red? no' decisions the model gets right with the reference before them.")
     col.add_argument("--model", required=True, help="Hugging Face LLaVA checkpoint folder (e.g. RUN/train-mix/final)")
     col.add_argument("--data", required=True, help="shapes records.jsonl with four-stage answers and meta.scene")
     col.add_argument("--limit", type=int, default=150, help="questions to teacher-force (default %(default)s)")

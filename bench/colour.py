@@ -6,6 +6,9 @@ Two measurements on a Hugging Face LLaVA checkpoint (torch; the runtime is not i
   CAPTION stage, the model's top token is compared with the scene's colour and with the colour the
   question names; then the question's colour word is swapped for another and the count of
   predictions that follow the swap is taken. A model that reads the image is unmoved by the swap.
+- teacher-forced scan decisions (records written with `--reasoning-style scan`): at every "red? yes" /
+  "red? no" of the REASONING stage, with the right caption and the right object before it, is the
+  model's top token the right one? A model that compares the two words gets them all.
 - a linear probe at the object-centre patches: how well the colour (and shape) can be read back
   from the tower's features and from the projector's output, and how far apart the classes' mean
   vectors lie (a projector can keep a feature linearly readable and still shrink it).
@@ -34,6 +37,10 @@ class ColourReport:
     named_copied: int  # the question's colour predicted where the object has another
     named_other: int  # slots whose object has another colour than the question's
     swapped_follow: int  # after swapping the question's colour word: predictions equal to the new colour
+    scan_yes: int  # scan-style reasoning steps whose answer is "yes" (0 for list-style records)
+    scan_yes_right: int
+    scan_no: int
+    scan_no_right: int
     probe: dict  # {"tower"|"projector": {"colour_acc", "shape_acc", "colour_spread", "shape_spread"}}
 
     def to_json(self) -> dict:
@@ -45,6 +52,8 @@ class ColourReport:
                  f"  question names one: {self.named_right}/{self.named_slots} right; its colour written in "
                  f"{self.named_copied} of {self.named_other} places where the object has another",
                  f"  question's colour swapped: {self.swapped_follow}/{self.named_slots} predictions follow it",
+                 f"teacher-forced scan decisions: yes {self.scan_yes_right}/{self.scan_yes}, "
+                 f"no {self.scan_no_right}/{self.scan_no}",
                  "linear probe at object-centre patches (held-out quarter; spread = mean distance of class means)"]
         for where, p in self.probe.items():
             lines.append(f"  {where:9s} colour {p['colour_acc']:.3f} shape {p['shape_acc']:.3f} "
@@ -79,22 +88,29 @@ def measure_colour(checkpoint: str | Path, records_path: str | Path, limit: int 
     colour_of = {tok.convert_tokens_to_ids(tok.tokenize(" " + c)[0]): c for c in COLOURS}
     open_id, close_id = tok.convert_tokens_to_ids("<CAPTION>"), tok.convert_tokens_to_ids("</CAPTION>")
     rng = random.Random(seed)
+    decision_of = {tok.convert_tokens_to_ids(tok.tokenize(" " + w)[0]): w for w in ("yes", "no")}
+    asked = tok.convert_tokens_to_ids("?")
     n = dict(plain_slots=0, plain_right=0, named_slots=0, named_right=0, named_copied=0, named_other=0,
-             swapped_follow=0)
+             swapped_follow=0, scan_yes=0, scan_yes_right=0, scan_no=0, scan_no_right=0)
 
-    def predictions(record) -> list[tuple[str, str]]:  # (target colour, predicted colour) at caption colour words
+    def predictions(record, count_decisions: bool = False) -> list[tuple[str, str]]:
+        """(target colour, predicted colour) at caption colour words; tallies scan decisions if asked."""
         ex = tokenize_record(tok, record, ispec, 4096, cfg.image_token_id, root)
         px = torch.from_numpy(pixels_for(ex, ispec))[None]
         with torch.no_grad():
             top = model(input_ids=torch.tensor([ex.input_ids]), pixel_values=px).logits[0].argmax(-1)  # [T]
         ids = ex.input_ids
         start, end = ids.index(open_id), ids.index(close_id)
+        for i, t in enumerate(ids):  # "? yes" / "? no" after the caption: a scan step's decision
+            if count_decisions and i > end and ids[i - 1] == asked and t in decision_of:
+                n[f"scan_{decision_of[t]}"] += 1
+                n[f"scan_{decision_of[t]}_right"] += int(top[i - 1]) == t
         return [(colour_of[t], colour_of.get(int(top[i - 1]), "other"))
                 for i, t in enumerate(ids) if start < i < end and t in colour_of]
 
     for r in recs[:limit]:
         named = _question_colour(r)
-        pairs = predictions(r)
+        pairs = predictions(r, count_decisions=True)
         if named is None:
             n["plain_slots"] += len(pairs)
             n["plain_right"] += sum(t == p for t, p in pairs)

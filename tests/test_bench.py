@@ -184,8 +184,20 @@ def test_colour_counts_every_caption_colour_word_and_probes_both_places(trained,
     assert rep["named_slots"] > 0  # count_color questions name a colour
     assert 0 <= rep["named_copied"] <= rep["named_other"] <= rep["named_slots"]
     assert rep["swapped_follow"] <= rep["named_slots"] and rep["plain_right"] <= rep["plain_slots"]
+    assert rep["scan_yes"] == rep["scan_no"] == 0  # list-style reasoning has no scan decisions
     for where in ("tower", "projector"):
         assert set(rep["probe"][where]) == {"colour_acc", "shape_acc", "colour_spread", "shape_spread"}
         assert 0.0 <= rep["probe"][where]["colour_acc"] <= 1.0 and rep["probe"][where]["colour_spread"] > 0
+    # scan-style records: every "? yes" / "? no" after the caption is one decision
+    from llavao1_train.shapes import ShapesConfig, write_dataset
+
+    scan = write_dataset(ShapesConfig(n=16, seed=5003, split="eval", kinds=("cot",), reasoning_style="scan"),
+                       trained.data.parent / "scan-eval", progress=False)
+    assert bench_main(["colour", "--model", str(trained.hf), "--data", str(scan), "--probe-images", "8", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    steps = [re.findall(r"\? (yes|no)", r.answer.split("</CAPTION>")[1]) for r in read_records(scan)]
+    assert rep["scan_yes"] == sum(s.count("yes") for s in steps) > 0
+    assert rep["scan_no"] == sum(s.count("no") for s in steps) > 0
+    assert rep["scan_yes_right"] <= rep["scan_yes"] and rep["scan_no_right"] <= rep["scan_no"]
     assert bench_main(["colour", "--model", str(trained.hf), "--data", str(trained.data / "missing.jsonl")]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
