@@ -101,10 +101,11 @@ def measure_colour(checkpoint: str | Path, records_path: str | Path, limit: int 
             top = model(input_ids=torch.tensor([ex.input_ids]), pixel_values=px).logits[0].argmax(-1)  # [T]
         ids = ex.input_ids
         start, end = ids.index(open_id), ids.index(close_id)
-        for i, t in enumerate(ids):  # "? yes" / "? no" after the caption: a scan step's decision
-            if count_decisions and i > end and ids[i - 1] == asked and t in decision_of:
-                n[f"scan_{decision_of[t]}"] += 1
-                n[f"scan_{decision_of[t]}_right"] += int(top[i - 1]) == t
+        if count_decisions:  # "? yes" / "? no" after the caption: a scan step's decision
+            for i in range(end + 1, len(ids)):
+                if ids[i - 1] == asked and ids[i] in decision_of:
+                    n[f"scan_{decision_of[ids[i]]}"] += 1
+                    n[f"scan_{decision_of[ids[i]]}_right"] += int(top[i - 1]) == ids[i]
         return [(colour_of[t], colour_of.get(int(top[i - 1]), "other"))
                 for i, t in enumerate(ids) if start < i < end and t in colour_of]
 
