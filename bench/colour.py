@@ -85,10 +85,13 @@ def measure_colour(checkpoint: str | Path, records_path: str | Path, limit: int 
     cfg = model.config
     mean, std = read_image_stats(checkpoint)
     ispec = ImageSpec(cfg.vision_config.image_size, tuple(mean), tuple(std), image_token_count(cfg))
-    colour_of = {tok.convert_tokens_to_ids(tok.tokenize(" " + c)[0]): c for c in COLOURS}
+    def word_id(word: str) -> int:  # the token a word starts with after a space, as in running text
+        return tok.convert_tokens_to_ids(tok.tokenize(" " + word)[0])
+
+    colour_of = {word_id(c): c for c in COLOURS}
     open_id, close_id = tok.convert_tokens_to_ids("<CAPTION>"), tok.convert_tokens_to_ids("</CAPTION>")
     rng = random.Random(seed)
-    decision_of = {tok.convert_tokens_to_ids(tok.tokenize(" " + w)[0]): w for w in ("yes", "no")}
+    decision_of = {word_id(w): w for w in ("yes", "no")}
     asked = tok.convert_tokens_to_ids("?")
     n = dict(plain_slots=0, plain_right=0, named_slots=0, named_right=0, named_copied=0, named_other=0,
              swapped_follow=0, scan_yes=0, scan_yes_right=0, scan_no=0, scan_no_right=0)

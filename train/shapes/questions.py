@@ -296,8 +296,8 @@ def _scan(scene: Scene, flt: dict, first_only: bool = False) -> str:
     return f"Going through the objects for {target}: {'; '.join(steps)}."
 
 
-def _count_steps(scene: Scene, objs: list[ShapeObject], flt: dict, style: str) -> str:
-    plural, singular = noun(flt, True), noun(flt, False)
+def _count_steps(scene: Scene, flt: dict, style: str) -> str:
+    objs, plural, singular = select(scene, flt), noun(flt, True), noun(flt, False)
     if style == "scan":
         return f"{_scan(scene, flt)} {_are(len(objs), plural, singular)}"
     if not objs:
@@ -313,7 +313,7 @@ def reasoning_text(family: str, spec: dict, scene: Scene, style: str = "list") -
         n = len(scene.objects)
         return f"Counting every object in the description: {_counting(n)}. {_are(n, 'objects', 'object')}"
     if family in ("count_color", "count_shape", "count_color_shape"):
-        return _count_steps(scene, objs, spec["filter"], style)
+        return _count_steps(scene, spec["filter"], style)
     if family == "attribute":
         g = noun(spec["filter"], False)
         if not objs:
@@ -335,12 +335,12 @@ def reasoning_text(family: str, spec: dict, scene: Scene, style: str = "list") -
         pa, pb = noun(spec["a"], True), noun(spec["b"], True)
         cmp = "more than" if len(a) > len(b) else ("equal to" if len(a) == len(b) else "fewer than")
         verdict = "there are" if value == "yes" else "there are not"
-        return (f"{_count_steps(scene, a, spec['a'], style)} {_count_steps(scene, b, spec['b'], style)} {len(a)} is {cmp} {len(b)}, "
+        return (f"{_count_steps(scene, spec['a'], style)} {_count_steps(scene, spec['b'], style)} {len(a)} is {cmp} {len(b)}, "
                 f"so {verdict} more {pa} than {pb}. The answer is {value}.")
     if family == "arithmetic":
         n, k = len(scene.objects), len(objs)
         left = f"{n - k} object is left." if n - k == 1 else f"{n - k} objects are left."
-        return (f"There are {n} objects in total. {_count_steps(scene, objs, spec['remove'], style)} "
+        return (f"There are {n} objects in total. {_count_steps(scene, spec['remove'], style)} "
                 f"Removing {k} from {n} leaves {n} - {k} = {n - k}. {left}")
     raise ValueError(f"unknown family {family!r}")
 
