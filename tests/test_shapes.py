@@ -347,22 +347,53 @@ def test_reasoning_style_scan_walks_the_caption_in_order_with_a_running_count():
         render_stages("count_all", {}, scene, "open", None, "match", "table")
 
 
+def test_reasoning_style_read_states_each_objects_own_value_before_the_check():
+    from llavao1_train.shapes.questions import render_stages
+    from llavao1_train.shapes.scene import Scene, ShapeObject
+
+    scene = Scene((ShapeObject("red", "circle", "small", 0.1, 0.5), ShapeObject("blue", "square", "large", 0.4, 0.2),
+                   ShapeObject("red", "square", "large", 0.8, 0.8)))
+    _, read = render_stages("count_color", {"filter": {"color": "red"}}, scene, "open", None, "match", "read")
+    assert read["reasoning"] == ("Going through the objects for red objects: a small red circle at the left is red: "
+                                 "red? yes, 1; a large blue square at the top is blue: red? no; a large red square at "
+                                 "the bottom right is red: red? yes, 2. There are 2 red objects.")
+    _, scan = render_stages("count_color", {"filter": {"color": "red"}}, scene, "open", None, "match", "scan")
+    assert re.sub(r" is \w+:", ":", read["reasoning"]) == scan["reasoning"]  # the scan plus the reads, nothing else
+    # a shape (with its article) and a two-word filter read in the filter's word order
+    _, shape = render_stages("count_shape", {"filter": {"shape": "circle"}}, scene, "open", None, "match", "read")
+    assert "a large blue square at the top is a square: circle? no;" in shape["reasoning"]
+    _, attr = render_stages("attribute", {"ask": "size", "filter": {"color": "blue", "shape": "square"}}, scene,
+                            "open", None, "match", "read")
+    assert attr["reasoning"] == ("Going through the objects for the blue square: a small red circle at the left is a "
+                                 "red circle: blue square? no; a large blue square at the top is a blue square: blue "
+                                 "square? yes. Its size is large.")
+    _, arith = render_stages("arithmetic", {"remove": {"size": "small"}}, scene, "open", None, "match", "read")
+    assert "a large blue square at the top is large: small? no;" in arith["reasoning"]
+
+
 def test_reasoning_style_reaches_records_and_judge_examples_but_not_the_questions(tmp_path):
     runs = {}
-    for style in ("list", "scan"):
+    for style in ("list", "scan", "read"):
         write_dataset(ShapesConfig(n=48, seed=3, kinds=("cot", "judge"), reasoning_style=style), tmp_path / style,
                       progress=False)
         runs[style] = list(read_records(tmp_path / style / "records.jsonl"))
     cot = {s: [r for r in recs if r.meta["kind"] == "cot"] for s, recs in runs.items()}
-    assert [(r.question, r.meta["answer"]) for r in cot["list"]] == [(r.question, r.meta["answer"]) for r in cot["scan"]]
-    for rec in cot["scan"]:
-        m, reasoning = rec.meta, parse_answer(rec.answer).stages["reasoning"]
-        if m["family"] in ("count_color", "count_shape", "count_color_shape"):
-            # the walk names every object once and marks exactly the ones the scene graph counts
-            assert reasoning.count("? no") + reasoning.count("? yes") == len(m["scene"]), rec.id
-            assert str(reasoning.count("? yes")) == independent_answer(m["family"], m["spec"], m["scene"]), rec.id
-    judged = [r for r in runs["scan"] if r.meta["kind"] == "judge" and r.meta["unit"] == "reasoning"]
-    assert any("Going through the objects" in r.question for r in judged)  # corrupted reasoning re-rendered in kind
+    reads = {"scan": 0, "read": 0}
+    for style in ("scan", "read"):
+        assert [(r.question, r.meta["answer"]) for r in cot["list"]] == [(r.question, r.meta["answer"]) for r in cot[style]]
+        for rec in cot[style]:
+            m, reasoning = rec.meta, parse_answer(rec.answer).stages["reasoning"]
+            if m["family"] in ("count_color", "count_shape", "count_color_shape"):
+                # the walk names every object once and marks exactly the ones the scene graph counts
+                assert reasoning.count("? no") + reasoning.count("? yes") == len(m["scene"]), rec.id
+                assert str(reasoning.count("? yes")) == independent_answer(m["family"], m["spec"], m["scene"]), rec.id
+            # a read value equals what is sought exactly where the check says yes
+            for value, sought, verdict in re.findall(r" is (?:an? )?([a-z ]+?): ([a-z ]+)\? (yes|no)", reasoning):
+                assert (value == sought) == (verdict == "yes"), rec.id
+                reads[style] += 1
+        judged = [r for r in runs[style] if r.meta["kind"] == "judge" and r.meta["unit"] == "reasoning"]
+        assert any("Going through the objects" in r.question for r in judged)  # corrupted reasoning re-rendered in kind
+    assert reads["scan"] == 0 and reads["read"] > 20
     with pytest.raises(ValueError, match="--reasoning-style"):
         ShapesConfig(reasoning_style="table").validate()
 

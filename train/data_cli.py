@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "lists them, ending on the match) (default %(default)s)")
     s.add_argument("--reasoning-style", choices=REASONING_STYLES, default=d.reasoning_style,
                    help="how the reasoning picks objects out of the caption: list (names the matching ones at once; "
-                   "the shipped model) or scan (walks every object in caption order, 'a small red circle at the "
-                   "top: red? yes, 1; a large green square at the right: red? no') (default %(default)s)")
+                   "the shipped model), scan (walks every object in caption order, 'a small red circle at the "
+                   "top: red? yes, 1; a large green square at the right: red? no') or read (the walk, each step first "
+                   "reading the object's own value: 'a small red circle at the top is red: red? yes, 1') "
+                   "(default %(default)s)")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -66,7 +66,7 @@ class ShapesConfig:
     format: str = "jsonl"  # "tsv" writes a VLMEvalKit multiple-choice file
     caption_order: str = "left-to-right"  # how captions list objects: "left-to-right" or "regions"
     mc_step: str = "match"  # how the reasoning names the option: "match" (one sentence) or "check" (line by line)
-    reasoning_style: str = "list"  # how the reasoning picks objects: "list" (at once) or "scan" (each in turn)
+    reasoning_style: str = "list"  # how the reasoning picks objects: "list" (at once), "scan" or "read" (each in turn)
 
     def validate(self) -> None:
         if self.reasoning_style not in REASONING_STYLES:

@@ -35,8 +35,10 @@ MC_STEP_OPENINGS = {"match": " The answer", "check": " Checking the options:"}
 # are: a ... and a ...."), a lookup by content the shipped model gets wrong (it takes 20% of them from its caption,
 # README). "scan": walks the caption's objects in order, copying each and marking it ("a small red circle at the
 # top: red? yes, 1; a large green square at the right: red? no;"), so each step is the next caption item plus a
-# local check.
-REASONING_STYLES = ("list", "scan")
+# local check (it learns the shape checks, not the colour ones, README). "read": the scan, each step first reading
+# the object's own value ("a small red circle at the top is red: red? yes, 1"), so the check compares two words
+# three tokens apart and the read is the latest colour (or shape, size) word in the text.
+REASONING_STYLES = ("list", "scan", "read")
 
 
 @dataclass
@@ -278,18 +280,26 @@ def _predicate(flt: dict) -> str:
     return " ".join(flt[k] for k in ("size", "color") if k in flt)
 
 
-def _scan(scene: Scene, flt: dict, first_only: bool = False) -> str:
+def _sought(flt: dict, o: ShapeObject | None = None) -> str:
+    """The filter's words in caption order ('red circle'); with `o`, that object's own values for the same keys."""
+    return " ".join((getattr(o, k) if o else flt[k]) for k in ("size", "color", "shape") if k in flt)
+
+
+def _scan(scene: Scene, flt: dict, first_only: bool = False, read: bool = False) -> str:
     """'Going through the objects for red objects: a small green triangle at the left: red? no; a small red circle at
     the top: red? yes, 1.' - every object in caption order with a running count (first_only: stop at the match, no
-    count). Each step restates what is sought next to the object's own words, so the yes/no compares nearby tokens."""
-    sought = " ".join(flt[k] for k in ("size", "color", "shape") if k in flt)
+    count). Each step restates what is sought next to the object's own words, so the yes/no compares nearby tokens;
+    `read` puts the object's own value between them: 'a small green triangle at the left is green: red? no'."""
+    sought = _sought(flt)
     steps, found = [], 0
     for o in scene.listed():
+        value = _sought(flt, o)
+        head = f"{o.describe()} is {_a(value) if 'shape' in flt else value}" if read else o.describe()
         if not matches(o, flt):
-            steps.append(f"{o.describe()}: {sought}? no")
+            steps.append(f"{head}: {sought}? no")
             continue
         found += 1
-        steps.append(f"{o.describe()}: {sought}? yes" + ("" if first_only else f", {found}"))
+        steps.append(f"{head}: {sought}? yes" + ("" if first_only else f", {found}"))
         if first_only:
             break
     target = f"the {noun(flt, False)}" if first_only else noun(flt, True)
@@ -298,8 +308,8 @@ def _scan(scene: Scene, flt: dict, first_only: bool = False) -> str:
 
 def _count_steps(scene: Scene, flt: dict, style: str) -> str:
     objs, plural, singular = select(scene, flt), noun(flt, True), noun(flt, False)
-    if style == "scan":
-        return f"{_scan(scene, flt)} {_are(len(objs), plural, singular)}"
+    if style != "list":
+        return f"{_scan(scene, flt, read=style == 'read')} {_are(len(objs), plural, singular)}"
     if not objs:
         return f"No object is {_predicate(flt)}. There are 0 {plural}."
     return f"The {plural} are: {_listing(objs)}. Counting them: {_counting(len(objs))}. {_are(len(objs), plural, singular)}"
@@ -318,15 +328,16 @@ def reasoning_text(family: str, spec: dict, scene: Scene, style: str = "list") -
         g = noun(spec["filter"], False)
         if not objs:
             return f"No object is {_predicate(spec['filter'])}."
-        if style == "scan":
-            return f"{_scan(scene, spec['filter'], first_only=True)} Its {spec['ask']} is {value}."
+        if style != "list":
+            return f"{_scan(scene, spec['filter'], first_only=True, read=style == 'read')} Its {spec['ask']} is {value}."
         return f"The only {g} is {objs[0].describe()}. Its {spec['ask']} is {value}."
     if family == "spatial":
         g, rel = noun(spec["ref"], False), _relation_phrase(spec["relation"])
         if not objs:
             return f"No object is {_predicate(spec['ref'])}."
         ref = objs[0]
-        head = _scan(scene, spec["ref"], first_only=True) if style == "scan" else f"The {g} is {ref.describe()}."
+        head = (_scan(scene, spec["ref"], first_only=True, read=style == "read") if style != "list"
+                else f"The {g} is {ref.describe()}.")
         if len(objs) == 1:
             return f"{head} No object is {rel} it."
         return f"{head} The only object {rel} it is {objs[1].describe()}. Its {spec['ask']} is {value}."
