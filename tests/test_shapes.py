@@ -191,6 +191,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_merge_joins_records_in_order_with_their_images_and_refuses_clashes(tmp_path, capsys):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "m"
+    assert data_main(["shapes", "--out", str(a), "--n", "6", "--seed", "1", "-q"]) == 0
+    assert data_main(["shapes", "--out", str(b), "--n", "4", "--seed", "2", "--kinds", "cot,reasoning", "-q"]) == 0
+    assert data_main(["merge", "--out", str(out), str(a), str(b)]) == 0
+    assert "from 2 datasets" in capsys.readouterr().out
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert lines == (a / "records.jsonl").read_text().splitlines() + (b / "records.jsonl").read_text().splitlines()
+    merged = list(read_records(out / "records.jsonl"))  # every image resolves inside the merged folder
+    assert {r.image for r in merged if r.image} == {p.relative_to(out).as_posix() for p in (out / "images").iterdir()}
+    assert any(r.image is None for r in merged)  # text-only drills keep no image
+    # the same record twice, a dataset missing, one input: one line each, nothing written
+    assert data_main(["merge", "--out", str(tmp_path / "x"), str(a), str(a)]) == 1
+    assert "is also in" in capsys.readouterr().err
+    assert data_main(["merge", "--out", str(tmp_path / "x"), str(a), str(tmp_path / "nope")]) == 1
+    assert "file not found" in capsys.readouterr().err
+    assert data_main(["merge", "--out", str(tmp_path / "x"), str(a)]) == 1
+    assert "at least two" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # an image path two inputs share must hold the same picture
+    c = tmp_path / "c"
+    assert data_main(["shapes", "--out", str(c), "--n", "6", "--seed", "1", "--kinds", "caption", "-q"]) == 0
+    assert data_main(["merge", "--out", str(tmp_path / "ac"), str(a), str(c)]) == 0  # same seed: same pictures
+    first = sorted((c / "images").iterdir())[0]
+    first.unlink()
+    first.write_bytes((a / "images" / sorted(p.name for p in (a / "images").iterdir())[1]).read_bytes())
+    assert data_main(["merge", "--out", str(tmp_path / "ac2"), str(a), str(c)]) == 1
+    assert "differs from" in capsys.readouterr().err and not (tmp_path / "ac2").exists()
+
+
 def test_print_config(capsys):
     assert data_main(["shapes", "--out", "unused", "--n", "7", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)

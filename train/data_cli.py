@@ -3,6 +3,7 @@
   llavao1-data shapes --out data/train --n 5000 --seed 1
   llavao1-data shapes --out data/eval --n 500 --seed 1001 --split eval --kinds cot
   llavao1-data shapes --out data/mmstyle --n 200 --seed 7 --split eval --format tsv
+  llavao1-data merge --out data/mix data/train data/drills
   llavao1-data validate data/train/records.jsonl
 """
 
@@ -19,7 +20,7 @@ from llavao1_edge.extras import run_guarded
 from llavao1_edge.records import RecordError, read_records, read_tsv
 from llavao1_edge.stages import parse_answer
 
-from .shapes.dataset import FORMATS, KINDS, SPLITS, ShapesConfig, write_dataset
+from .shapes.dataset import FORMATS, KINDS, SPLITS, ShapesConfig, merge_datasets, write_dataset
 from .shapes.questions import FAMILIES, MC_STEPS, REASONING_STYLES
 from .shapes.scene import CAPTION_ORDERS
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    m = sub.add_parser("merge", help="join datasets into one (their records in order, their images)",
+                       description="Write DIR/records.jsonl with every record of the inputs in the order given, and "
+                       "their images (hard links where possible). Record ids must be unique; an image path shared by "
+                       "two inputs must hold the same bytes.")
+    m.add_argument("--out", required=True, help="output folder (created; replaced if it holds a dataset)")
+    m.add_argument("inputs", nargs="+", help="dataset folders (or records.jsonl files), at least two")
 
     v = sub.add_parser("validate", help="check a records.jsonl or VLMEvalKit .tsv file",
                        description="Validate every record; for LLaVA-CoT answers also check the four-stage "
@@ -140,9 +148,16 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    path, n = merge_datasets(args.inputs, args.out)
+    print(f"wrote {path} ({n} records from {len(args.inputs)} datasets)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_guarded("llavao1-data", lambda: _shapes(args) if args.command == "shapes" else _validate(args),
+    command = {"shapes": _shapes, "merge": _merge, "validate": _validate}[args.command]
+    return run_guarded("llavao1-data", lambda: command(args),
                        (RecordError, ValueError, OSError), "interrupted; nothing was written")
 
 

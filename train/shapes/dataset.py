@@ -20,6 +20,7 @@ from llavao1_edge.records import (
     Record,
     Turn,
     mc_prompt,
+    read_records,
     write_records,
     write_tsv,
 )
@@ -231,3 +232,51 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def merge_datasets(inputs: list[str | os.PathLike], out_dir: str | os.PathLike) -> tuple[Path, int]:
+    """Write one dataset holding every record of `inputs`, in order, with their images (hard-linked where the
+    file system allows, else copied); returns (records file, records written). Record ids must be unique and an
+    image path shared by two inputs must hold the same bytes. Built beside DIR and moved into place, like write_dataset."""
+    out = Path(out_dir)
+    if out.exists() and not _is_dataset_dir(out):
+        raise ValueError(f"{out}: exists and is not a dataset; choose a new or empty folder")
+    srcs = [Path(p) / "records.jsonl" if Path(p).is_dir() else Path(p) for p in inputs]
+    if len(srcs) < 2:
+        raise ValueError("merge needs at least two datasets")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ids: dict[str, Path] = {}
+    images: dict[str, Path] = {}  # relative path -> the file it came from
+
+    def records() -> Iterator[Record]:
+        for src in srcs:
+            for rec in read_records(src):
+                if rec.id in ids:
+                    raise ValueError(f"{src}: record id {rec.id!r} is also in {ids[rec.id]}")
+                ids[rec.id] = src
+                if rec.image is not None:
+                    _merge_image(src.parent / rec.image, tmp / rec.image, images.setdefault(rec.image, src.parent / rec.image))
+                yield rec
+
+    try:
+        n = write_records(tmp / "records.jsonl", records())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "records.jsonl", n
+
+
+def _merge_image(src: Path, dst: Path, first: Path) -> None:
+    if dst.exists():
+        if first != src and first.read_bytes() != src.read_bytes():
+            raise ValueError(f"{src}: differs from {first}, which has the same path in an earlier dataset")
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(src, dst)
