@@ -407,7 +407,8 @@ def test_shipped_model_answers_a_shipped_example(capsys):
     from llavao1_edge.api import MODELS_DIR, shipped_model_paths
 
     text, proj = shipped_model_paths()
-    assert "Q4_K_M" in text.name and proj.name.startswith("mmproj")  # the quantized file, not its F16 source
+    assert "f16" not in text.name.lower() and proj.name.startswith("mmproj")  # the quantized file, not its F16 source
+    assert len(list(text.parent.glob("shapes-tiny-*.gguf"))) == 2  # that file and its F16 source, nothing stale
     examples = MODELS_DIR.parent / "examples"
     rec = next(iter(read_records(examples / "questions.jsonl")))
     assert cli.main(["run", str(examples / rec.image), rec.question, "--search", "greedy", "--json",

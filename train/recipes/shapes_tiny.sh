@@ -4,7 +4,8 @@
 #   bash train/recipes/shapes_tiny.sh [RUN_DIR] [structured|direct]
 #
 # structured (default): the four-stage model with judge examples and option drills (the one the package ships;
-# on 2 cores ~11 min of tower pretraining + ~70 min of LLaVA training + ~30 min of caption fine-tuning).
+# on 2 cores ~11 min of tower pretraining + ~70 min of LLaVA training + ~7 min of caption fine-tuning + ~32 min
+# on the walk-worded mix with its drills: ~123 min in all, over the 2-hour budget by a few minutes; README).
 # direct: the same questions answered without stages, for the structured-vs-direct comparison.
 # A killed run continues where it stopped when started again (llavao1-train --resume).
 set -euo pipefail
@@ -45,13 +46,17 @@ else
     # SHAPES_REASONING_DRILL=F adds to that mix a text-only reasoning drill for a share F of the questions
     # (--kinds ...,reasoning): question, SUMMARY and CAPTION given -> REASONING and CONCLUSION, so the reasoning
     # takes its objects from the caption instead of looking again; 0: none.
-    REASONING_DRILL=${SHAPES_REASONING_DRILL:-0}
-    # SHAPES_MIX_REASONING=scan rewrites the mix's reasoning to walk the caption's objects in turn ("a small red
-    # circle at the top: red? yes, 1; a large green square at the right: red? no; ...", llavao1-data shapes --reasoning-style)
-    # instead of naming the matching ones at once (list): a copy of the next caption item and a local check instead
-    # of a lookup by content. Not shipped: with SHAPES_REASONING_DRILL=0.5, 0.518 greedy after these 1,000 steps
-    # and 0.662 after 1,000 more; shape decisions all right, colour decisions mostly wrong (README).
-    MIX_REASONING=${SHAPES_MIX_REASONING:-list}
+    REASONING_DRILL=${SHAPES_REASONING_DRILL:-0.5}
+    # SHAPES_MIX_REASONING=read rewrites the mix's reasoning to walk the caption's objects in turn, reading each
+    # object's value before checking it ("a small red circle at the top is red: red? yes, 1; a large green square
+    # at the right is green: red? no; ...", llavao1-data shapes --reasoning-style): a copy of the next caption item
+    # and a check of two words three tokens apart, instead of a lookup by content. scan: the walk without the reads;
+    # list: the matching objects named at once (the previous shipped model, 0.640 greedy; README Experiments).
+    MIX_REASONING=${SHAPES_MIX_REASONING:-read}
+    # SHAPES_COMPARE_DRILL=N merges into the mix N more text-only reasoning drills (questions of their own, seed 12)
+    # from the families whose walk checks a colour or a size (llavao1-data merge): the mix alone teaches the walk
+    # and the shape checks but leaves the colour and size checks at the base rate (README); 0: none.
+    COMPARE_DRILL=${SHAPES_COMPARE_DRILL:-12000}
 fi
 if [ "$VARIANT" = direct ]; then
     # 2,520 steps of 16 = 2.52 passes over its 16,000 records, as the first recipe's 4,000 structured steps
@@ -104,7 +109,16 @@ if [ "$CAPTION_STEPS" != 0 ]; then
     MIX_KINDS="$KINDS,caption"; [ "$REASONING_DRILL" = 0 ] || MIX_KINDS="$MIX_KINDS,reasoning"
     shapes "$RUN/data/train-mix" --kinds "$MIX_KINDS" "${MAIN_RECORDS[@]}" --caption-fraction 0.5 \
         --reasoning-fraction "$REASONING_DRILL" --reasoning-style "$MIX_REASONING"
-    finetune "$RUN/train-captions/final" "$RUN/data/train-mix" "$RUN/train-mix" "$MIX_STEPS"
+    MIX="$RUN/data/train-mix"
+    if [ "$COMPARE_DRILL" != 0 ]; then
+        DRILLS="$RUN/data/train-compare"
+        [ -f "$DRILLS/records.jsonl" ] || llavao1-data shapes --out "$DRILLS" --n "$COMPARE_DRILL" --seed 12 \
+            --kinds reasoning --reasoning-fraction 1 --families count_color,compare,arithmetic,attribute,count_color_shape \
+            --caption-order "$CAPTION_ORDER" --mc-step "$MC_STEP" --reasoning-style "$MIX_REASONING"
+        MIX="$RUN/data/train-mix-compare"
+        [ -f "$MIX/records.jsonl" ] || llavao1-data merge --out "$MIX" "$RUN/data/train-mix" "$DRILLS"
+    fi
+    finetune "$RUN/train-captions/final" "$MIX" "$RUN/train-mix" "$MIX_STEPS"
     FINAL="$RUN/train-mix/final"
 fi
 GGUF="$RUN/gguf-$VARIANT"
@@ -120,8 +134,11 @@ echo "done: $GGUF"
 if [ "${SHAPES_SHIP:-0}" = 1 ] && [ "$VARIANT" = structured ]; then  # install into the package
     DEST="$(dirname "$0")/../../llavao1_edge/models/shapes-tiny"
     mkdir -p "$DEST"
+    # SHAPES_SHIP_QUANT: the text model's type, picked from the benchmark's quantization sweep (README Results)
+    QUANT=${SHAPES_SHIP_QUANT:-Q6_K}
+    rm -f "$DEST"/shapes-tiny-Q*.gguf  # one quantized text model: the runtime picks the file that is not F16
     cp "$GGUF/final-f16.gguf" "$DEST/shapes-tiny-f16.gguf"
-    cp "$GGUF/final-${SHAPES_SHIP_QUANT:-Q4_K_M}.gguf" "$DEST/shapes-tiny-${SHAPES_SHIP_QUANT:-Q4_K_M}.gguf"
+    cp "$GGUF/final-$QUANT.gguf" "$DEST/shapes-tiny-$QUANT.gguf"
     cp "$GGUF/mmproj-final-f16.gguf" "$DEST/mmproj-shapes-tiny-f16.gguf"
     echo "shipped into $DEST"
 fi
