@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -189,33 +190,42 @@ def write_dataset(cfg: ShapesConfig, out_dir: str | os.PathLike, progress: bool 
 
     cfg.validate()
     out = Path(out_dir)
-    if out.exists() and not _is_dataset_dir(out):
-        raise ValueError(f"{out}: exists and is not a shapes dataset; choose a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
     disable = None if progress is None else not progress  # None: show on a terminal only
-    examples = tqdm(build_examples(cfg), total=cfg.n, desc="shapes", unit="q", disable=disable)
-    try:
+    with _staged_dir(out, "a shapes dataset") as tmp:
+        examples = tqdm(build_examples(cfg), total=cfg.n, desc="shapes", unit="q", disable=disable)
         if cfg.format == "tsv":
-            (tmp / "images").rmdir()
             rows = (MCQuestion(str(ex.index), ex.question.text, ex.question.choices or {},
                                ex.question.answer, _png_bytes(ex.scene, cfg.image_size), ex.question.family)
                     for ex in examples)
             write_tsv(tmp / "records.tsv", rows)
         else:
+            (tmp / "images").mkdir()
+
             def records() -> Iterator[Record]:
                 for ex in examples:
                     rel = f"images/{cfg.split}-{cfg.seed}-{ex.index:06d}.png"
                     (tmp / rel).write_bytes(_png_bytes(ex.scene, cfg.image_size))
                     yield from _records_for(ex, cfg, rel)
             write_records(tmp / "records.jsonl", records())
+    return out / ("records.tsv" if cfg.format == "tsv" else "records.jsonl")
+
+
+@contextmanager
+def _staged_dir(out: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside `out` to build a dataset in, moved into place when the block ends without
+    an error (an existing dataset there is replaced) and removed otherwise, so `out` is never half-written."""
+    if out.exists() and not _is_dataset_dir(out):
+        raise ValueError(f"{out}: exists and is not {what}; choose a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / ("records.tsv" if cfg.format == "tsv" else "records.jsonl")
 
 
 def _is_dataset_dir(path: Path) -> bool:
@@ -238,45 +248,40 @@ def merge_datasets(inputs: list[str | os.PathLike], out_dir: str | os.PathLike) 
     """Write one dataset holding every record of `inputs`, in order, with their images (hard-linked where the
     file system allows, else copied); returns (records file, records written). Record ids must be unique and an
     image path shared by two inputs must hold the same bytes. Built beside DIR and moved into place, like write_dataset."""
-    out = Path(out_dir)
-    if out.exists() and not _is_dataset_dir(out):
-        raise ValueError(f"{out}: exists and is not a dataset; choose a new or empty folder")
     srcs = [Path(p) / "records.jsonl" if Path(p).is_dir() else Path(p) for p in inputs]
     if len(srcs) < 2:
         raise ValueError("merge needs at least two datasets")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out = Path(out_dir)
     ids: dict[str, Path] = {}
-    images: dict[str, Path] = {}  # relative path -> the file it came from
+    images: dict[str, Path] = {}  # relative path -> the file placed there
+    checked: set[Path] = set()  # files of later inputs already compared with the one placed at their path
 
-    def records() -> Iterator[Record]:
-        for src in srcs:
-            for rec in read_records(src):
-                if rec.id in ids:
-                    raise ValueError(f"{src}: record id {rec.id!r} is also in {ids[rec.id]}")
-                ids[rec.id] = src
-                if rec.image is not None:
-                    _merge_image(src.parent / rec.image, tmp / rec.image, images.setdefault(rec.image, src.parent / rec.image))
-                yield rec
+    with _staged_dir(out, "a dataset") as tmp:
+        def records() -> Iterator[Record]:
+            for src in srcs:
+                for rec in read_records(src):
+                    if rec.id in ids:
+                        raise ValueError(f"{src}: record id {rec.id!r} is also in {ids[rec.id]}")
+                    ids[rec.id] = src
+                    if rec.image is not None:
+                        _place_image(src.parent / rec.image, tmp / rec.image, images, checked, rec.image)
+                    yield rec
 
-    try:
         n = write_records(tmp / "records.jsonl", records())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "records.jsonl", n
 
 
-def _merge_image(src: Path, dst: Path, first: Path) -> None:
-    if dst.exists():
-        if first != src and first.read_bytes() != src.read_bytes():
+def _place_image(src: Path, dst: Path, images: dict[str, Path], checked: set[Path], rel: str) -> None:
+    """Link (or copy) `src` to `dst` the first time `rel` is seen; a later input's file there must be the same picture."""
+    first = images.get(rel)
+    if first is None:
+        images[rel] = src
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(src, dst)
+    elif first != src and src not in checked:
+        if first.read_bytes() != src.read_bytes():
             raise ValueError(f"{src}: differs from {first}, which has the same path in an earlier dataset")
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copyfile(src, dst)
+        checked.add(src)

@@ -285,16 +285,18 @@ def _sought(flt: dict, o: ShapeObject | None = None) -> str:
     return " ".join((getattr(o, k) if o else flt[k]) for k in ("size", "color", "shape") if k in flt)
 
 
-def _scan(scene: Scene, flt: dict, first_only: bool = False, read: bool = False) -> str:
+def _scan(scene: Scene, flt: dict, style: str, first_only: bool = False) -> str:
     """'Going through the objects for red objects: a small green triangle at the left: red? no; a small red circle at
     the top: red? yes, 1.' - every object in caption order with a running count (first_only: stop at the match, no
     count). Each step restates what is sought next to the object's own words, so the yes/no compares nearby tokens;
-    `read` puts the object's own value between them: 'a small green triangle at the left is green: red? no'."""
+    style "read" puts the object's own value between them: 'a small green triangle at the left is green: red? no'."""
     sought = _sought(flt)
     steps, found = [], 0
     for o in scene.listed():
-        value = _sought(flt, o)
-        head = f"{o.describe()} is {_a(value) if 'shape' in flt else value}" if read else o.describe()
+        head = o.describe()
+        if style == "read":
+            value = _sought(flt, o)
+            head += f" is {_a(value) if 'shape' in flt else value}"
         if not matches(o, flt):
             steps.append(f"{head}: {sought}? no")
             continue
@@ -309,7 +311,7 @@ def _scan(scene: Scene, flt: dict, first_only: bool = False, read: bool = False)
 def _count_steps(scene: Scene, flt: dict, style: str) -> str:
     objs, plural, singular = select(scene, flt), noun(flt, True), noun(flt, False)
     if style != "list":
-        return f"{_scan(scene, flt, read=style == 'read')} {_are(len(objs), plural, singular)}"
+        return f"{_scan(scene, flt, style)} {_are(len(objs), plural, singular)}"
     if not objs:
         return f"No object is {_predicate(flt)}. There are 0 {plural}."
     return f"The {plural} are: {_listing(objs)}. Counting them: {_counting(len(objs))}. {_are(len(objs), plural, singular)}"
@@ -329,15 +331,14 @@ def reasoning_text(family: str, spec: dict, scene: Scene, style: str = "list") -
         if not objs:
             return f"No object is {_predicate(spec['filter'])}."
         if style != "list":
-            return f"{_scan(scene, spec['filter'], first_only=True, read=style == 'read')} Its {spec['ask']} is {value}."
+            return f"{_scan(scene, spec['filter'], style, first_only=True)} Its {spec['ask']} is {value}."
         return f"The only {g} is {objs[0].describe()}. Its {spec['ask']} is {value}."
     if family == "spatial":
         g, rel = noun(spec["ref"], False), _relation_phrase(spec["relation"])
         if not objs:
             return f"No object is {_predicate(spec['ref'])}."
         ref = objs[0]
-        head = (_scan(scene, spec["ref"], first_only=True, read=style == "read") if style != "list"
-                else f"The {g} is {ref.describe()}.")
+        head = _scan(scene, spec["ref"], style, first_only=True) if style != "list" else f"The {g} is {ref.describe()}."
         if len(objs) == 1:
             return f"{head} No object is {rel} it."
         return f"{head} The only object {rel} it is {objs[1].describe()}. Its {spec['ask']} is {value}."
