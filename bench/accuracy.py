@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class AccuracyReport:
     captions: dict[str, int] = field(default_factory=dict)  # caption vs scene graph, for shapes questions
     captions_by_objects: dict[int, list[int]] = field(default_factory=dict)  # objects in scene -> [every object right, n]
     by_form: dict[str, list[int]] = field(default_factory=dict)  # "mc" (options A-D) / "open" -> [correct, n]
+    flags: dict[str, int] = field(default_factory=dict)  # runtime flag (numbers as N) -> questions that raised it
 
     @property
     def accuracy(self) -> float:
@@ -50,7 +52,7 @@ class AccuracyReport:
                 "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
                 "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions,
                 "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())},
-                "by_form": self.by_form}
+                "by_form": self.by_form, "flags": self.flags}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -76,6 +78,8 @@ class AccuracyReport:
                              "names (with their place) are named so in the caption")
             lines.append("  every object right, by objects in the scene: " + ", ".join(
                 f"{k}: {r}/{n}" for k, (r, n) in sorted(self.captions_by_objects.items())))
+        for flag, n in sorted(self.flags.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  flag in {n}/{self.n} answers: {flag}")
         for cat, d in sorted(self.by_category.items()):
             lines.append(f"  {cat:<20} {d['accuracy']:.3f} ({d['correct']}/{d['n']}) CI [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]")
         if self.failures:
@@ -96,11 +100,14 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     captions: dict[str, int] = defaultdict(int)
     by_objects: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     by_form: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    flags: dict[str, int] = defaultdict(int)
     for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
         ans = answer(item)
         spent += ans.seconds
         for k, v in ans.timings.get("judge_picks", {}).items():
             picks[k] += v
+        for flag in {re.sub(r"\d+", "N", f) for f in ans.timings.get("flags", [])}:
+            flags[flag] += 1
         got = extract_prediction(ans.text)
         stages = parse_answer(ans.text).stages if item.scene else {}
         caption = stages.get("caption")
@@ -126,4 +133,4 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
                           spent / max(1, len(items)), picks, dict(captions), dict(by_objects),
-                          dict(by_form))
+                          dict(by_form), dict(flags))

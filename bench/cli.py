@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--mmproj", help="its projector GGUF")
         sp.add_argument("--threads", type=int, default=0)
         sp.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto", help="llama.cpp flash attention")
+        sp.add_argument("--ctx", type=int, default=4096, help="KV cells for prompt, candidates and judges "
+                        "(default %(default)s)")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -188,7 +190,7 @@ def _run(args) -> int:
     items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit or 5)
     from .backends import GGUFBackend
 
-    backend = GGUFBackend(model, mmproj, args.threads, flash_attn=FLASH_ATTN[args.flash_attn])
+    backend = GGUFBackend(model, mmproj, args.threads, n_ctx=args.ctx, flash_attn=FLASH_ATTN[args.flash_attn])
     try:
         if args.command == "latency":
             from .latency import run_latency

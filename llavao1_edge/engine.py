@@ -373,6 +373,11 @@ class Engine:
             raise EngineError("the prompt must end with text (the generation prompt)")
         return shared_end or 0, todo
 
+    def cells_needed(self, prompt: Prompt) -> int:
+        """KV cells evaluating `prompt` with eval_forked adds: what it does not share with sequence 0."""
+        _, todo = self._plan(prompt)
+        return sum(len(chunk.keys) - keep for chunk, keep, _ in todo)
+
     def _decode_todo(self, seq: int, todo, stats: PrefillStats, last_batched: bool):
         """Decode planned chunks into `seq`; with last_batched the final text is returned undecoded."""
         logits = None

@@ -161,6 +161,9 @@ class SearchStopped(Exception):
         self.why = why
 
 
+_NOT_JUDGED = "(not judged: no room in the KV cache)"
+
+
 @dataclass
 class _Live:
     """A sequence being generated."""
@@ -186,6 +189,7 @@ class _Search:
         self.steps: list[StepRecord] = []
         self.text = ""
         self._n_live = 0  # candidate sequences in use (1..n)
+        self._cells_held = 0  # KV cells of the prefix and the live candidates, while they are judged
         self.t0 = time.perf_counter()
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -221,10 +225,11 @@ class _Search:
         # only where they diverge, so a confident model pays for one stream, not N.
         used = {st.seq for st in starts}
         free = [q for q in range(1, self.e.config.n_seq_max) if q not in used and q > max(used)]
+        new_cells = 0  # one per decoded row: shared tokens take one cell, not one per candidate
         while True:
             self._check()
             active = [lv for lv in lives if not lv.done]
-            if active and base + sum(len(lv.cand.tokens) for lv in lives) + len(active) > limit:
+            if active and base + new_cells + len(active) > limit:
                 for lv in active:
                     lv.done, lv.cand.finish = True, "kv_full"
                 self.flags.append(f"{unit or mode}: the KV cache (n_ctx {self.e.config.n_ctx}) is full; "
@@ -249,6 +254,7 @@ class _Search:
             if not rows:
                 break
             logits = self.e.step([(q, tok, pos) for q, tok, pos, _ in rows])
+            new_cells += len(rows)
             for (q, _, pos, lvs), lg in zip(rows, logits, strict=True):
                 for lv in lvs:
                     lv.state = SeqState(q, pos + 1, lg)
@@ -256,6 +262,8 @@ class _Search:
             self.tokens["judge_decode_steps" if mode == "verdict" else "decode_steps"] += 1  # llama_decode calls
         for lv in lives:
             lv.cand.text += lv.decoder.decode(b"", final=True)
+        if mode != "verdict":
+            self._cells_held = base + new_cells
         return [lv.cand for lv in lives], [lv.state for lv in lives]
 
     def _advance(self, lv: _Live, temperature: float, mode: str, budget: int, unit: str | None,
@@ -333,18 +341,26 @@ class _Search:
         prompts = [self._prompt(pairwise_prompt(unit, self.question, cands[a].unit_text, cands[b].unit_text,
                                                 context), with_image=True) for a, b in asked]
         verdicts = yield from self._ask_judge(prompts)
+        likelier = lambda a, b: max((a, b), key=lambda i: cands[i].mean_logprob)  # noqa: E731
         out = []
         for (a, b), v in zip(pairs, verdicts[:len(pairs)], strict=True):
+            if v is None:  # no room to judge: the likelier candidate goes on
+                out.append(Judgement(a, b, likelier(a, b), _NOT_JUDGED, False))
+                continue
             choice = parse_pairwise_verdict(v)
             out.append(Judgement(a, b, a if choice == 1 else b, v, choice is not None))
         if self.cfg.judge_both_orders:  # the swapped verdicts, from the second half of the batch
             for j, v in zip(out, verdicts[len(pairs):], strict=True):
+                if v is None or j.verdict == _NOT_JUDGED:
+                    j.verdict += " | swapped: " + (v or _NOT_JUDGED)
+                    j.parsed = False
+                    continue
                 choice = parse_pairwise_verdict(v)
                 swapped_winner = j.second if choice == 1 else j.first
                 j.verdict += " | swapped: " + v
                 j.parsed = j.parsed and choice is not None
                 if swapped_winner != j.winner:  # the judge followed the position, not the content
-                    j.winner = max((j.first, j.second), key=lambda i: cands[i].mean_logprob)
+                    j.winner = likelier(j.first, j.second)
         return out
 
     def _reasoning_checks(self, cands: list[Candidate], context) -> Iterator[Event]:
@@ -353,30 +369,58 @@ class _Search:
                    for c in cands]
         verdicts = yield from self._ask_judge(prompts)
         for c, v in zip(cands, verdicts, strict=True):
-            c.check = parse_reasoning_check(v)
+            c.check = None if v is None else parse_reasoning_check(v)
         return [c.check for c in cands]
 
-    def _ask_judge(self, prompts: list[Prompt]) -> Iterator[Event]:
-        """Evaluate judge prompts in parallel sequences (sharing the image prefix) and decode verdicts."""
-        verdicts: list[str] = []
+    def _judge_groups(self, prompts: list[Prompt]) -> tuple[list[list[int]], list[int]]:
+        """Split judge prompts into batches that fit both the free sequences and the free KV cells
+        (each prompt's unshared tokens plus its verdict budget); also the prompts that fit nowhere."""
         first = self._n_live + 1  # sequences 1..n hold the candidates until one is adopted
         width = self.e.config.n_seq_max - first
         if width < 1:
             raise ValueError(f"n_seq_max {self.e.config.n_seq_max} leaves no sequence for judging "
                              f"{self._n_live} candidates; raise n_seq_max")
-        for i in range(0, len(prompts), width):
-            group = prompts[i:i + width]
-            seqs = list(range(first, first + len(group)))
-            states, stats = self.e.eval_forked(group, seqs)
-            self.tokens["judge_prompt"] += stats.tokens_evaluated
-            self.timings["image_encode_s"] = self.timings.get("image_encode_s", 0.0) + stats.image_encode_s
-            for p in group:
+        room = self.e.config.n_ctx - 1 - self._cells_held
+        groups: list[list[int]] = [[]]
+        left_out: list[int] = []
+        cells = 0
+        for i, p in enumerate(prompts):
+            need = self.e.cells_needed(p) + self.cfg.max_judge_tokens
+            if need > room:
+                left_out.append(i)
+                continue
+            if len(groups[-1]) == width or cells + need > room:
+                groups.append([])
+                cells = 0
+            groups[-1].append(i)
+            cells += need
+        return [g for g in groups if g], left_out
+
+    def _ask_judge(self, prompts: list[Prompt]) -> Iterator[Event]:
+        """Evaluate judge prompts in parallel sequences (sharing the image prefix) and decode verdicts;
+        None for a prompt that does not fit in the KV cache beside the candidates."""
+        verdicts: list[str | None] = [None] * len(prompts)
+        groups, left_out = self._judge_groups(prompts)
+        if left_out:
+            self.flags.append(f"judge: {len(left_out)} judge prompt(s) did not fit in the KV cache "
+                              f"(n_ctx {self.e.config.n_ctx}); chose by log-probability; raise --ctx")
+        first = self._n_live + 1
+        try:
+            for group in groups:
+                seqs = list(range(first, first + len(group)))
+                states, stats = self.e.eval_forked([prompts[i] for i in group], seqs)
+                self.tokens["judge_prompt"] += stats.tokens_evaluated
+                self.timings["image_encode_s"] = self.timings.get("image_encode_s", 0.0) + stats.image_encode_s
+                cands, _ = yield from self._generate(states, self.cfg.judge_temperature, "verdict",
+                                                     self.cfg.max_judge_tokens, None, ("judge", group[0]),
+                                                     stream=False)
+                for i, c in zip(group, cands, strict=True):
+                    verdicts[i] = c.text
+                for s in seqs:
+                    self.e.drop(s)
+        finally:
+            for p in prompts:
                 self.e.free_prompt(p)
-            cands, _ = yield from self._generate(states, self.cfg.judge_temperature, "verdict",
-                                                 self.cfg.max_judge_tokens, None, ("judge", i), stream=False)
-            verdicts += [c.text for c in cands]
-            for s in seqs:
-                self.e.drop(s)
         return verdicts
 
     # -- strategies ------------------------------------------------------------------------------

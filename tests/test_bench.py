@@ -51,6 +51,16 @@ def test_accuracy_reports_which_response_the_judge_picks(trained, capsys):
     assert json.loads(capsys.readouterr().out)["judge_picks"] == {"first": 0, "second": 0}  # greedy judges nothing
 
 
+def test_accuracy_counts_the_runtime_flags(trained, capsys):
+    args = [*_model_args(trained), "--data", str(trained.data / "records.jsonl"), "--search", "stage:4", "--limit", "3"]
+    assert bench_main(["accuracy", *args, "--json"]) == 0
+    assert not any("KV cache" in f for f in json.loads(capsys.readouterr().out)["flags"])
+    assert bench_main(["accuracy", *args, "--ctx", "512", "--json"]) == 0  # too small for 4 candidates and judges
+    flags = json.loads(capsys.readouterr().out)["flags"]
+    full = {f: n for f, n in flags.items() if "KV cache (n_ctx N)" in f}  # numbers folded, so answers add up
+    assert full and all(1 <= n <= 3 for n in full.values()), flags
+
+
 def test_accuracy_on_vlmevalkit_tsv(trained, tmp_path, capsys):
     path = write_dataset(ShapesConfig(n=6, seed=7, split="eval", kinds=("cot",), format="tsv",
                                       families=("count_color", "attribute", "compare")), tmp_path / "tsv", progress=False)

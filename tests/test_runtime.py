@@ -435,3 +435,30 @@ def test_forked_prompts_sharing_text_equal_separate_evaluation(trained, question
     assert stats.tokens_evaluated < n_text - 20  # the common text ran once
     for a, b in zip(shared, separate, strict=True):
         assert a.pos == b.pos and np.abs(a.logits - b.logits).max() < 1e-5
+
+
+def test_judge_batches_fit_the_kv_cache_and_give_the_verdicts_of_a_large_one():
+    """Judge prompts are batched by the KV cells left beside the candidates, not only by free
+    sequences: a small cache gives the verdicts of a large one, and where a prompt cannot fit at
+    all the likelier candidate goes on with a flag (no llama_decode failure)."""
+    from llavao1_edge.api import MODELS_DIR
+
+    examples = MODELS_DIR.parent / "examples"
+    recs = [r for r in read_records(examples / "questions.jsonl")][2:4]  # walk-length reasoning stages
+    settings = dict(strategy="stage", candidates=4, judge_both_orders=True, greedy_candidate=True, seed=1)
+
+    def run(n_ctx):
+        with api.Reasoner(n_threads=2, n_ctx=n_ctx, kv_f32=True, flash_attn=False) as r:
+            return [r.ask(examples / rec.image, rec.question, **settings) for rec in recs]
+
+    def judged(res):
+        return [(j.first, j.second, j.winner, j.verdict) for s in res.steps for j in s.judgements]
+
+    large, small, tiny = run(8192), run(1536), run(1024)  # 1536 overflowed when batches ignored cells
+    for a, b in zip(large, small, strict=True):
+        assert judged(a) and judged(a) == judged(b) and a.text == b.text and not b.flags
+    not_judged = [(s, j) for res in tiny for s in res.steps for j in s.judgements if j.verdict.startswith("(not judged")]
+    assert not_judged and any("did not fit in the KV cache" in f for res in tiny for f in res.flags)
+    for s, j in not_judged:
+        assert j.winner == max((j.first, j.second), key=lambda i: s.candidates[i].mean_logprob)
+        assert not j.parsed
