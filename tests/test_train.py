@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import combinations
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,47 @@ def test_epoch_order_grouped_by_length_cuts_padding_and_keeps_every_example():
     assert before > 1.3 and after < 1.05
     firsts = [grouped[i] for i in range(0, 16 * MEGABATCH * 2, 16)]  # batches are shuffled, not left sorted
     assert any(lengths[a] > lengths[b] for a, b in zip(firsts, firsts[1:], strict=False))
+
+
+def test_length_split_partitions_a_batch_into_runs_that_compute_the_fewest_cells():
+    from llavao1_train.trainer import length_split
+
+    def cells(parts):
+        return sum(len(p) * max(lengths[i] for i in p) for p in parts)
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        lengths = torch.randint(80, 900, (16,), generator=g).tolist()
+        parts = length_split(lengths, 4)
+        assert sorted(i for p in parts for i in p) == list(range(16)) and 1 <= len(parts) <= 4
+        spans = [(min(lengths[i] for i in p), max(lengths[i] for i in p)) for p in parts]
+        assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:], strict=False))  # runs of sorted lengths
+        order = sorted(range(16), key=lambda i: lengths[i])
+        for k in (2, 3):  # the optimum over every cut of the sorted lengths into at most k runs, by brute force
+            best = min(cells([order[a:b] for a, b in zip((0, *cuts), (*cuts, 16), strict=True)])
+                       for n in range(k) for cuts in combinations(range(1, 16), n))
+            assert cells(length_split(lengths, k)) == best < cells([order])
+    assert length_split([300] * 8, 4) == [list(range(8))]  # equal lengths: one pass, not four
+    assert length_split([100, 900], 1) == [[0, 1]]
+
+
+def test_length_split_gives_the_unsplit_gradient_with_less_padding(tmp_path):
+    data = tmp_path / "d"
+    write_dataset(ShapesConfig(n=64, seed=1, kinds=("cot", "judge")), data, progress=False)  # lengths vary ~3x
+    logs, weights = {}, {}
+    for n in (1, 4):
+        out = tmp_path / f"split{n}"
+        assert train_main(["--data", str(data), "--out", str(out), "--init", "test-tiny", "--max-steps", "3",
+                           "--lr", "2e-3", "--batch-size", "16", "--log-every", "1", "-q", "--device", "cpu",
+                           "--length-split", str(n)]) == 0
+        logs[n] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+        weights[n] = load_file(out / "final" / "model.safetensors")
+    for one, split in zip(logs[1], logs[4], strict=True):  # same examples, same loss: rounding apart
+        assert abs(one["loss"] - split["loss"]) < 1e-5 * one["loss"], (one["loss"], split["loss"])
+    assert sum(r["padding"] for r in logs[4]) < 0.8 * sum(r["padding"] for r in logs[1])
+    diff = max((weights[1][k] - weights[4][k]).abs().max().item() for k in weights[1])
+    print("max |split - unsplit| weight after 3 steps:", diff)
+    assert diff < 1e-4
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(data64, tmp_path):

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together: less padding, faster steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--length-split", type=int, default=1, metavar="N",
+                   help="run each micro-batch as up to N forward passes of similar length: the same examples "
+                        "and gradient, less padding (default %(default)s: one pass)")
     p.add_argument("--max-length", type=int, default=2048, help="token limit per example (image tokens included)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: final model only)")
     p.add_argument("--keep-checkpoints", type=int, default=2)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         freeze_vision=args.freeze_vision, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, group_by_length=args.group_by_length,
-        grad_accum=args.grad_accum,
+        grad_accum=args.grad_accum, length_split=args.length_split,
         max_length=args.max_length, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, eval_data=args.eval_data, eval_every=args.eval_every, eval_limit=args.eval_limit,
         log_every=args.log_every, device=args.device, grad_checkpointing=args.grad_checkpointing,
