@@ -341,7 +341,10 @@ class _Search:
         prompts = [self._prompt(pairwise_prompt(unit, self.question, cands[a].unit_text, cands[b].unit_text,
                                                 context), with_image=True) for a, b in asked]
         verdicts = yield from self._ask_judge(prompts)
-        likelier = lambda a, b: max((a, b), key=lambda i: cands[i].mean_logprob)  # noqa: E731
+
+        def likelier(a: int, b: int) -> int:
+            return max((a, b), key=lambda i: cands[i].mean_logprob)
+
         out = []
         for (a, b), v in zip(pairs, verdicts[:len(pairs)], strict=True):
             if v is None:  # no room to judge: the likelier candidate goes on
