@@ -375,14 +375,9 @@ class _Search:
             c.check = None if v is None else parse_reasoning_check(v)
         return [c.check for c in cands]
 
-    def _judge_groups(self, prompts: list[Prompt]) -> tuple[list[list[int]], list[int]]:
-        """Split judge prompts into batches that fit both the free sequences and the free KV cells
+    def _judge_groups(self, prompts: list[Prompt], width: int) -> tuple[list[list[int]], list[int]]:
+        """Split judge prompts into batches that fit both `width` free sequences and the free KV cells
         (each prompt's unshared tokens plus its verdict budget); also the prompts that fit nowhere."""
-        first = self._n_live + 1  # sequences 1..n hold the candidates until one is adopted
-        width = self.e.config.n_seq_max - first
-        if width < 1:
-            raise ValueError(f"n_seq_max {self.e.config.n_seq_max} leaves no sequence for judging "
-                             f"{self._n_live} candidates; raise n_seq_max")
         room = self.e.config.n_ctx - 1 - self._cells_held
         groups: list[list[int]] = [[]]
         left_out: list[int] = []
@@ -403,11 +398,15 @@ class _Search:
         """Evaluate judge prompts in parallel sequences (sharing the image prefix) and decode verdicts;
         None for a prompt that does not fit in the KV cache beside the candidates."""
         verdicts: list[str | None] = [None] * len(prompts)
-        groups, left_out = self._judge_groups(prompts)
+        first = self._n_live + 1  # sequences 1..n hold the candidates until one is adopted
+        width = self.e.config.n_seq_max - first
+        if width < 1:
+            raise ValueError(f"n_seq_max {self.e.config.n_seq_max} leaves no sequence for judging "
+                             f"{self._n_live} candidates; raise n_seq_max")
+        groups, left_out = self._judge_groups(prompts, width)
         if left_out:
             self.flags.append(f"judge: {len(left_out)} judge prompt(s) did not fit in the KV cache "
                               f"(n_ctx {self.e.config.n_ctx}); chose by log-probability; raise --ctx")
-        first = self._n_live + 1
         try:
             for group in groups:
                 seqs = list(range(first, first + len(group)))
