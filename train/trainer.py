@@ -452,10 +452,9 @@ def train(cfg: TrainConfig) -> Path:
             micro = [examples[i] for i in mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
             passes += [[micro[i] for i in run]
                        for run in length_split([len(e.input_ids) for e in micro], cfg.length_split) if run]
-        for k, micro in enumerate(passes):
-            batch = collate(micro, [pixels_for(e, ispec) if e.image is not None else None for e in micro],
-                            tokenizer.pad_token_id)
-            batch = {k2: v.to(device) for k2, v in batch.items()}
+        last_micro = micro  # the image check below looks at a whole micro-batch, split or not
+        for k, part in enumerate(passes):
+            batch = _device_batch(part, ispec, tokenizer.pad_token_id, device)
             sync = world == 1 or k == len(passes) - 1
             ctx = model.no_sync() if (world > 1 and not sync) else _null()
             with ctx, autocast:
@@ -466,7 +465,7 @@ def train(cfg: TrainConfig) -> Path:
             loss_acc.append(loss_sum.item())
             tok_count += int(batch["attention_mask"].sum())
             cell_count += batch["attention_mask"].numel()  # real + padding tokens
-            sample_count += len(micro)
+            sample_count += len(part)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -482,7 +481,8 @@ def train(cfg: TrainConfig) -> Path:
                 _log(out, {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                            "tokens_per_s": tok_count * world / dt, "samples_per_s": sample_count * world / dt,
                            "padding": 1 - tok_count / max(1, cell_count),  # share of computed tokens that pad
-                           **image_reliance(model, batch, autocast)})
+                           **image_reliance(model, _device_batch(last_micro, ispec, tokenizer.pad_token_id, device),
+                                            autocast)})
                 t_last, tok_count, cell_count, sample_count = time.perf_counter(), 0, 0, 0
         if cfg.eval_every and eval_examples and step % cfg.eval_every == 0 and rank == 0:
             acc = evaluate(model, tokenizer, eval_examples, ispec, device)
@@ -551,6 +551,11 @@ def param_checksum(model) -> str:
     for name, p in sorted(inner.named_parameters()):
         h.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()
+
+
+def _device_batch(examples: list, ispec, pad_id: int, device) -> dict:
+    batch = collate(examples, [pixels_for(e, ispec) if e.image is not None else None for e in examples], pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
