@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--limit", type=int, default=5, help="questions to time (default %(default)s)")
     lat.add_argument("--compare-reference", action="store_true",
                      help="also time the paper-style implementation (every call re-evaluates prompt and image)")
+    lat.add_argument("--compare-greedy", action="store_true",
+                     help="also time greedy decoding on each question right after the search, and report the "
+                     "median of the paired ratios (x greedy)")
 
     bat = sub.add_parser("batching", help="ms per decode step with 1, 2, 4, 8 parallel sequences, and prefill speed",
                          description="How a decode step's cost grows with parallel sequences (stage search decodes "
@@ -197,7 +200,8 @@ def _run(args) -> int:
 
             if args.compare_reference and cfg.strategy != "stage":
                 raise BenchError("--compare-reference compares stage search; use --search stage:N")
-            report = run_latency(backend, items, cfg, args.repeats, args.compare_reference, args.search, progress)
+            report = run_latency(backend, items, cfg, args.repeats, args.compare_reference, args.search, progress,
+                                 compare_greedy=args.compare_greedy)
         else:
             from .accuracy import run_accuracy
 

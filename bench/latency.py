@@ -2,14 +2,16 @@
 
 Each measured run starts cold (no cached image, no reused prefix) after a warm-up run. A second
 question on the same image then measures what the image cache buys: its time to first token
-against the cold one. `compare_reference` also times the paper-style implementation.
+against the cold one. `compare_reference` also times the paper-style implementation; `compare_greedy`
+times greedy decoding on the same question right after each run, so "x greedy" is a ratio of two
+timings taken back to back (the median of those), not of two medians taken minutes apart.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llavao1_edge.search import SearchConfig
 
@@ -37,7 +39,11 @@ class LatencyReport:
         keys = ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "decode_s", "judge_s", "total_s",
                 "cached_ttft_s", "cached_ttft_ratio")
         out = {"search": self.search, "n_runs": len(self.runs), "peak_rss_mb": self.peak_rss_mb,
-               **{k: self.stat(k) for k in keys}, "runs": self.runs}
+               **{k: self.stat(k) for k in keys}}
+        for key in ("greedy_total_s", "x_greedy"):  # with compare_greedy only
+            if self.stat(key):
+                out[key] = self.stat(key)
+        out["runs"] = self.runs
         if self.reference_runs:
             ref = statistics.median(self.reference_runs)
             out["reference_total_s"] = {"median": ref, "min": min(self.reference_runs), "max": max(self.reference_runs)}
@@ -53,6 +59,10 @@ class LatencyReport:
             s = d.get(key)
             if s:
                 lines.append(f"  {key:<18} median {s['median']:.4g} {unit}  (min {s['min']:.4g}, max {s['max']:.4g})")
+        if "x_greedy" in d:
+            lines.append(f"  greedy total       median {d['greedy_total_s']['median']:.4g} s -> "
+                         f"x greedy (paired) {d['x_greedy']['median']:.2f}  (min {d['x_greedy']['min']:.2f}, "
+                         f"max {d['x_greedy']['max']:.2f})")
         if "speedup_vs_reference" in d:
             lines.append(f"  paper-style total  median {d['reference_total_s']['median']:.4g} s -> "
                          f"speed-up {d['speedup_vs_reference']:.2f}x")
@@ -64,10 +74,12 @@ def _cold(backend: GGUFBackend) -> None:
 
 
 def run_latency(backend: GGUFBackend, items: list[BenchItem], cfg: SearchConfig, repeats: int = 3,
-                compare_reference: bool = False, label: str = "", progress: bool | None = None) -> LatencyReport:
+                compare_reference: bool = False, label: str = "", progress: bool | None = None,
+                compare_greedy: bool = False) -> LatencyReport:
     from tqdm import tqdm
 
     report = LatencyReport(label or cfg.strategy)
+    greedy_cfg = replace(cfg, strategy="greedy", candidates=1)  # the same budgets, no search
     _cold(backend)
     backend.answer(items[0], cfg)  # warm-up: page in weights, allocate buffers
     total = len(items) * repeats
@@ -89,6 +101,10 @@ def run_latency(backend: GGUFBackend, items: list[BenchItem], cfg: SearchConfig,
             }
             if run["ttft_s"] and run["cached_ttft_s"]:
                 run["cached_ttft_ratio"] = run["cached_ttft_s"] / run["ttft_s"]
+            if compare_greedy:
+                _cold(backend)
+                run["greedy_total_s"] = backend.answer(item, greedy_cfg).seconds
+                run["x_greedy"] = run["total_s"] / run["greedy_total_s"]
             report.runs.append(run)
             if compare_reference:
                 _cold(backend)

@@ -71,13 +71,17 @@ def test_accuracy_on_vlmevalkit_tsv(trained, tmp_path, capsys):
 
 def test_latency_with_reference(trained, capsys):
     assert bench_main(["latency", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
-                       "--search", "stage:2", "--limit", "2", "--repeats", "1", "--compare-reference", "--json"]) == 0
+                       "--search", "stage:2", "--limit", "2", "--repeats", "1", "--compare-reference", "--compare-greedy",
+                       "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     for key in ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "decode_s", "total_s", "cached_ttft_s"):
         assert doc[key]["median"] > 0, key
     assert doc["judge_s"]["median"] >= 0
     assert doc["n_runs"] == 2 and doc["peak_rss_mb"] > 0
     assert doc["speedup_vs_reference"] > 1.0  # sharing the prefix beats re-evaluating everything
+    ratios = sorted(run["total_s"] / run["greedy_total_s"] for run in doc["runs"])  # paired, run by run
+    assert doc["x_greedy"]["min"] == pytest.approx(ratios[0]) and doc["x_greedy"]["max"] == pytest.approx(ratios[-1])
+    assert doc["x_greedy"]["median"] > 1.0  # two candidates and their judging cost more than one greedy answer
 
 
 def test_paper_style_baseline_call_count(trained):

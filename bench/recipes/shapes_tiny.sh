@@ -41,7 +41,7 @@ latency() { once "$1" llavao1-bench latency --model "$G/final-f16.gguf" --mmproj
 for fa in auto off; do
     for s in greedy stage:2 stage:4; do
         latency "$OUT/latency_${s/:/_}$([ "$fa" = auto ] || echo "_fa-$fa").json" --search "$s" --flash-attn "$fa" \
-            $([ "$s" = greedy ] || echo --compare-reference)
+            $([ "$s" = greedy ] || echo --compare-reference --compare-greedy)
     done
 done
 # 4b. the settings without a judge (and the judge both orders) against greedy, timed in one go (no reference)
