@@ -4,9 +4,9 @@
 #   bash train/recipes/shapes_tiny.sh [RUN_DIR] [structured|direct]
 #
 # structured (default): the four-stage model with judge examples and option drills (the one the package ships;
-# on 2 cores ~11 min of tower pretraining + ~70 min of LLaVA training + ~7 min of caption fine-tuning + ~32 min
-# on the walk-worded mix with its drills: ~123 min in all, over the 2-hour budget by a few minutes; README;
-# SHAPES_LENGTH_SPLIT=8: 84 min, but a different and, in its one run, worse model).
+# on 2 cores ~11 min of tower pretraining + ~70 min of LLaVA training + ~7 min of caption fine-tuning + ~17 min
+# on the walk-worded mix with its drills + ~4 min of data and export: 109 min in one run, under the 2-hour
+# budget; README).
 # direct: the same questions answered without stages, for the structured-vs-direct comparison.
 # A killed run continues where it stopped when started again (llavao1-train --resume).
 set -euo pipefail
@@ -77,11 +77,13 @@ PRECISION=${SHAPES_PRECISION:-fp32}
 # padding falls from 32% to 2% of the computed tokens, ~1.5x faster steps, but the image is learnt later per step;
 # not used for the shipped model (with bf16, 24k questions and 5,000 steps it scored 0.432 vs 0.464; README).
 GROUP=${SHAPES_GROUP_BY_LENGTH:-0}
-# SHAPES_LENGTH_SPLIT=8 runs each batch of 16 as up to 8 forward passes of similar length (llavao1-train
-# --length-split): the same examples and gradient to float rounding, less padding; the whole recipe took 84 min
-# instead of ~123 on 2 cores. But float rounding is enough to change what the run learns: that run scored
-# 0.656 greedy against the shipped model's 0.802 (it missed the colour checks; README). 1: the shipped model.
+# SHAPES_LENGTH_SPLIT=N runs each batch of 16 of the main and caption stages as up to N forward passes of similar
+# length (llavao1-train --length-split): the same examples and gradient to float rounding, less padding;
+# SHAPES_MIX_LENGTH_SPLIT the same for the mix. Float rounding in the main stage is enough to change what the run
+# learns: with 8 everywhere the recipe took 84 min, but its model scored 0.656 greedy (it missed the colour checks;
+# README). The mix is not that sensitive (8 or 1 from the same caption model: 0.792 / 0.802), and 8 halves its time.
 SPLIT=${SHAPES_LENGTH_SPLIT:-1}
+MIX_SPLIT=${SHAPES_MIX_LENGTH_SPLIT:-8}
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
 if [ "$VARIANT" = direct ]; then KINDS=direct; else KINDS=cot,judge; fi
@@ -102,14 +104,14 @@ RESUME=""
     --length-split "$SPLIT" $([ "$VISION_STEPS" = 0 ] || echo --pretrain-vision-steps "$VISION_STEPS") $([ "$FREEZE" = 0 ] || echo --freeze-vision) --save-every 250 --log-every 25 --seed 0 $RESUME
 FINAL="$TRAIN/final"
 if [ "$CAPTION_STEPS" != 0 ]; then
-    # finetune FROM DATA OUT STEPS: continue training FROM's weights (all but the frozen tower) at the same lr
+    # finetune FROM DATA OUT STEPS SPLIT: continue training FROM's weights (all but the frozen tower) at the same lr
     finetune() {
         local resume=""; [ -d "$3/checkpoints" ] && resume=--resume
         [ -f "$3/final/model.safetensors" ] || llavao1-train --model "$1" --data "$2" --out "$3" --full --freeze-vision \
-            --lr 3e-4 --max-steps "$4" --batch-size 16 --max-length 1024 --length-split "$SPLIT" --save-every 250 --log-every 50 --seed 0 $resume
+            --lr 3e-4 --max-steps "$4" --batch-size 16 --max-length 1024 --length-split "$5" --save-every 250 --log-every 50 --seed 0 $resume
     }
     shapes "$RUN/data/train-captions" --kinds caption --caption-fraction 1
-    finetune "$FINAL" "$RUN/data/train-captions" "$RUN/train-captions" "$CAPTION_STEPS"
+    finetune "$FINAL" "$RUN/data/train-captions" "$RUN/train-captions" "$CAPTION_STEPS" "$SPLIT"
     # the main stage's records (byte-identical with list reasoning: each kind draws from its own RNG) plus captions
     # and reasoning drills
     MIX_KINDS="$KINDS,caption"; [ "$REASONING_DRILL" = 0 ] || MIX_KINDS="$MIX_KINDS,reasoning"
@@ -124,7 +126,7 @@ if [ "$CAPTION_STEPS" != 0 ]; then
         MIX="$RUN/data/train-mix-compare"
         [ -f "$MIX/records.jsonl" ] || llavao1-data merge --out "$MIX" "$RUN/data/train-mix" "$DRILLS"
     fi
-    finetune "$RUN/train-captions/final" "$MIX" "$RUN/train-mix" "$MIX_STEPS"
+    finetune "$RUN/train-captions/final" "$MIX" "$RUN/train-mix" "$MIX_STEPS" "$MIX_SPLIT"
     FINAL="$RUN/train-mix/final"
 fi
 GGUF="$RUN/gguf-$VARIANT"
@@ -141,7 +143,7 @@ if [ "${SHAPES_SHIP:-0}" = 1 ] && [ "$VARIANT" = structured ]; then  # install i
     DEST="$(dirname "$0")/../../llavao1_edge/models/shapes-tiny"
     mkdir -p "$DEST"
     # SHAPES_SHIP_QUANT: the text model's type, picked from the benchmark's quantization sweep (README Results)
-    QUANT=${SHAPES_SHIP_QUANT:-Q6_K}
+    QUANT=${SHAPES_SHIP_QUANT:-Q4_K_M}
     rm -f "$DEST"/shapes-tiny-Q*.gguf  # one quantized text model: the runtime picks the file that is not F16
     cp "$GGUF/final-f16.gguf" "$DEST/shapes-tiny-f16.gguf"
     cp "$GGUF/final-$QUANT.gguf" "$DEST/shapes-tiny-$QUANT.gguf"
