@@ -41,8 +41,8 @@ class LatencyReport:
         out = {"search": self.search, "n_runs": len(self.runs), "peak_rss_mb": self.peak_rss_mb,
                **{k: self.stat(k) for k in keys}}
         for key in ("greedy_total_s", "x_greedy"):  # with compare_greedy only
-            if self.stat(key):
-                out[key] = self.stat(key)
+            if s := self.stat(key):
+                out[key] = s
         out["runs"] = self.runs
         if self.reference_runs:
             ref = statistics.median(self.reference_runs)
