@@ -41,6 +41,7 @@ class AccuracyReport:
     captions_by_objects: dict[int, list[int]] = field(default_factory=dict)  # objects in scene -> [every object right, n]
     by_form: dict[str, list[int]] = field(default_factory=dict)  # "mc" (options A-D) / "open" -> [correct, n]
     flags: dict[str, int] = field(default_factory=dict)  # runtime flag (numbers as N) -> questions that raised it
+    reasoning_checks: dict[str, int] = field(default_factory=dict)  # the judge's check of REASONING candidates
 
     @property
     def accuracy(self) -> float:
@@ -52,7 +53,7 @@ class AccuracyReport:
                 "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
                 "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions,
                 "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())},
-                "by_form": self.by_form, "flags": self.flags}
+                "by_form": self.by_form, "flags": self.flags, "reasoning_checks": self.reasoning_checks}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -62,6 +63,10 @@ class AccuracyReport:
         if pairs:
             lines.append(f"  judge chose the first of two responses in {self.judge_picks['first']}/{pairs} pairs "
                          f"({self.judge_picks['first'] / pairs:.0%}; an unbiased judge: about 50%)")
+        checked = sum(self.reasoning_checks.values())
+        if checked:  # a check that passes everything costs time and filters nothing
+            lines.append(f"  reasoning check: {self.reasoning_checks.get('incorrect', 0)}/{checked} candidates judged "
+                         "incorrect")
         if len(self.by_form) > 1:  # a model that reasons right but cannot name the letter shows here
             lines.append("  by form: " + ", ".join(f"{k} {r / n:.3f} ({r}/{n})" for k, (r, n) in sorted(self.by_form.items())))
         c = self.captions
@@ -97,6 +102,7 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     cats: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     failures, correct, spent = [], 0, 0.0
     picks = {"first": 0, "second": 0}
+    checks: dict[str, int] = defaultdict(int)
     captions: dict[str, int] = defaultdict(int)
     by_objects: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     by_form: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -106,6 +112,8 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
         spent += ans.seconds
         for k, v in ans.timings.get("judge_picks", {}).items():
             picks[k] += v
+        for k, v in ans.timings.get("reasoning_checks", {}).items():
+            checks[k] += v
         for flag in {re.sub(r"\d+", "N", f) for f in ans.timings.get("flags", [])}:
             flags[flag] += 1
         got = extract_prediction(ans.text)
@@ -133,4 +141,4 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
                           spent / max(1, len(items)), picks, dict(captions), dict(by_objects),
-                          dict(by_form), dict(flags))
+                          dict(by_form), dict(flags), dict(checks))

@@ -27,8 +27,10 @@ class GGUFBackend:
         res = self.reasoner.ask(item.image, item.question, cfg)
         made = [j for s in res.steps for j in s.judgements]
         picks = {"first": sum(j.winner == j.first for j in made), "second": sum(j.winner == j.second for j in made)}
-        return Answer(res.text, time.perf_counter() - t0,
-                      {**res.timings, "tokens": res.tokens, "flags": res.flags, "judge_picks": picks})
+        checked = [c.check for s in res.steps for c in s.candidates if s.unit == "reasoning"]
+        checks = {"correct": checked.count(True), "incorrect": checked.count(False)}  # None: not checked
+        return Answer(res.text, time.perf_counter() - t0, {**res.timings, "tokens": res.tokens, "flags": res.flags,
+                                                           "judge_picks": picks, "reasoning_checks": checks})
 
     def close(self) -> None:
         self.reasoner.close()

@@ -24,7 +24,8 @@ from llavao1_edge.engine import FLASH_ATTN
 from llavao1_edge.extras import require_extra, run_guarded
 
 SEARCH_HELP = ("greedy | stage:N | best-of-n:N | sentence:N, then :judge|:logprob|:vote, then +greedy (candidate 1 "
-               "decoded greedily) and/or +swap (the judge asked both orders); e.g. stage:4:logprob+greedy")
+               "decoded greedily), +swap (the judge asked both orders), +nocheck (no correctness check of the "
+               "REASONING candidates); e.g. stage:4:logprob+greedy")
 
 
 def _csv(s: str) -> tuple[str, ...]:

@@ -58,12 +58,15 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[BenchI
     return items
 
 
-_SEARCH_OPTIONS = {"greedy": "greedy_candidate", "swap": "judge_both_orders"}  # spec suffix -> SearchConfig field
+# spec suffix -> (SearchConfig field, value)
+_SEARCH_OPTIONS = {"greedy": ("greedy_candidate", True), "swap": ("judge_both_orders", True),
+                   "nocheck": ("reasoning_check", False)}
 
 
 def parse_search(spec: str) -> SearchConfig:
     """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob', 'stage:4+greedy+swap' -> a SearchConfig.
-    Suffixes: +greedy (candidate 1 decoded greedily), +swap (the judge asked both orders)."""
+    Suffixes: +greedy (candidate 1 decoded greedily), +swap (the judge asked both orders), +nocheck (no
+    correctness check of REASONING candidates before their knockout)."""
     base, *options = spec.strip().split("+")
     parts = base.split(":")
     strategy = parts[0]
@@ -79,13 +82,14 @@ def parse_search(spec: str) -> SearchConfig:
             raise BenchError(f"search setting {spec!r}: selector must be one of {', '.join(SELECTORS)}")
         cfg.selector = parts[2]
     if len(parts) > 3:
-        raise BenchError(f"search setting {spec!r}: expected STRATEGY[:N[:SELECTOR]][+greedy][+swap]")
+        raise BenchError(f"search setting {spec!r}: expected STRATEGY[:N[:SELECTOR]][+OPTION...]")
     for opt in options:
         if opt not in _SEARCH_OPTIONS:
-            raise BenchError(f"search setting {spec!r}: unknown option +{opt}; known: +greedy, +swap")
+            raise BenchError(f"search setting {spec!r}: unknown option +{opt}; known: "
+                             + ", ".join(f"+{o}" for o in _SEARCH_OPTIONS))
         if strategy not in ("stage", "best-of-n"):
             raise BenchError(f"search setting {spec!r}: +{opt} applies to stage and best-of-n")
-        setattr(cfg, _SEARCH_OPTIONS[opt], True)
+        setattr(cfg, *_SEARCH_OPTIONS[opt])
     return cfg
 
 
@@ -93,7 +97,7 @@ def search_label(cfg: SearchConfig) -> str:
     if cfg.strategy == "greedy":
         return "greedy"
     return (f"{cfg.strategy}:{cfg.candidates}" + ("" if cfg.selector == "judge" else f":{cfg.selector}")
-            + "".join(f"+{opt}" for opt, name in _SEARCH_OPTIONS.items() if getattr(cfg, name)))
+            + "".join(f"+{opt}" for opt, (name, value) in _SEARCH_OPTIONS.items() if getattr(cfg, name) == value))
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--judge-both-orders", action="store_true",
                    help="judge each pair twice with the responses swapped (twice the judging); "
                    "a split verdict goes to the candidate with the higher mean log-probability")
+    r.add_argument("--no-reasoning-check", dest="reasoning_check", action="store_false",
+                   help="skip the judge's correctness check of each REASONING candidate before their knockout "
+                   "(the paper's step; less judging)")
     r.add_argument("--seed", type=int, default=d.seed, help="random seed; the same seed gives the same answer")
     r.add_argument("--max-stage-tokens", type=int, default=d.max_stage_tokens, help="token budget per stage")
     r.add_argument("--timeout", type=float, help="stop after this many seconds and print what is done")
@@ -74,7 +77,7 @@ def _search_config(args) -> SearchConfig:
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                        max_stage_tokens=args.max_stage_tokens, timeout_s=args.timeout,
                        force_format=args.force_format, greedy_candidate=args.greedy_candidate,
-                       judge_both_orders=args.judge_both_orders)
+                       judge_both_orders=args.judge_both_orders, reasoning_check=args.reasoning_check)
     cfg.validate()
     return cfg
 

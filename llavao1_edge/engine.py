@@ -129,6 +129,15 @@ class SeqState:
     logits: np.ndarray = field(repr=False)
 
 
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Engine:
     """A loaded text model + projector and one multi-sequence llama.cpp context.
 
@@ -345,16 +354,13 @@ class Engine:
             self._images.popitem(last=False)
         return embd
 
-    def _plan(self, prompt: Prompt) -> tuple[int, list[tuple[TextChunk | ImageChunk, int, int]]]:
-        """What of `prompt` sequence 0's last prompt already holds: (position where the shared
-        part ends, [(chunk, tokens of it already held, position the chunk starts at)] to decode)."""
+    def _plan(self, prompt: Prompt, held: list | None = None) -> tuple[int, list[tuple[TextChunk | ImageChunk, int, int]]]:
+        """What of `prompt` a sequence already holds (`held`: its keys; default sequence 0's last
+        prompt): (position where the shared part ends, [(chunk, tokens of it already held,
+        position the chunk starts at)] to decode)."""
         keys = prompt.keys
-        common = 0
-        for a, b in zip(self._seq0_keys, keys, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(keys) - 1)  # decode at least the last token, for its logits
+        common = min(_common_prefix(self._seq0_keys if held is None else held, keys),
+                     len(keys) - 1)  # decode at least the last token, for its logits
         cell = pos = 0
         shared_end: int | None = None
         todo = []
@@ -462,19 +468,29 @@ class Engine:
         self._L.llama_memory_seq_rm(self._mem, dst, p0, -1)
         self._L.llama_memory_seq_cp(self._mem, src, dst, p0, -1)
 
-    def eval_forked(self, prompts: list[Prompt], seqs: list[int]) -> tuple[list[SeqState], PrefillStats]:
-        """Evaluate each prompt into its own sequence, sharing with sequence 0 the cells of the
-        last eval_prompt that it starts with (the chat header and the image, for judge prompts).
+    def eval_forked(self, prompts: list[Prompt], seqs: list[int],
+                    held: dict[int, list] | None = None) -> tuple[list[SeqState], PrefillStats]:
+        """Evaluate each prompt into its own sequence, sharing the cells it starts with from
+        sequence 0's last eval_prompt (the chat header and the image, for judge prompts) or from a
+        `held` sequence (seq -> keys of the prompt it was given; not among `seqs`), whichever
+        shares more: a knockout's next round re-reads only what differs from the round before.
         The final text of all prompts is decoded together in one batch."""
         self._alive()
+        held = held or {}
+        if set(held) & set(seqs):
+            raise ValueError("a held sequence cannot also receive a prompt")
         stats = PrefillStats()
         t0 = time.perf_counter()
         pending = []
         for prompt, seq in zip(prompts, seqs, strict=True):
-            shared_end, todo = self._plan(prompt)
+            keys = prompt.keys
+            src = max(held, key=lambda s: _common_prefix(held[s], keys), default=None)
+            if src is None or _common_prefix(held[src], keys) <= _common_prefix(self._seq0_keys, keys):
+                src = 0
+            shared_end, todo = self._plan(prompt, held[src] if src else None)
             self.drop(seq)
             if shared_end:
-                self._L.llama_memory_seq_cp(self._mem, 0, seq, 0, shared_end)
+                self._L.llama_memory_seq_cp(self._mem, src, seq, 0, shared_end)
             stats.tokens_reused += len(prompt.keys) - sum(len(c.keys) - keep for c, keep, _ in todo)
             pending.append(self._decode_todo(seq, todo, stats, last_batched=True))
         pending = self._share_common_text(pending, stats)

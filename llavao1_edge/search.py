@@ -190,6 +190,8 @@ class _Search:
         self.text = ""
         self._n_live = 0  # candidate sequences in use (1..n)
         self._cells_held = 0  # KV cells of the prefix and the live candidates, while they are judged
+        self._judges_held: dict[int, list] = {}  # judge sequences kept for the next round: seq -> prompt keys
+        self._judge_cells = 0  # KV cells they hold beyond what they share with sequence 0 (an upper bound)
         self.t0 = time.perf_counter()
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -224,7 +226,8 @@ class _Search:
         # Candidates that sampled the same tokens so far share one sequence; a new sequence is forked
         # only where they diverge, so a confident model pays for one stream, not N.
         used = {st.seq for st in starts}
-        free = [q for q in range(1, self.e.config.n_seq_max) if q not in used and q > max(used)]
+        free = [q for q in range(1, self.e.config.n_seq_max)
+                if q not in used and q > max(used) and q not in self._judges_held]
         new_cells = 0  # one per decoded row: shared tokens take one cell, not one per candidate
         while True:
             self._check()
@@ -334,6 +337,7 @@ class _Search:
                 yield Event("judge_decision", unit, j.winner, j.verdict, asdict(j))
             judgements += made
             pool = [j.winner for j in made] + bye
+        self._release_judges()
         return pool[0], judgements
 
     def _judge_pairs(self, unit: str, cands: list[Candidate], pairs, context) -> Iterator[Event]:
@@ -378,7 +382,7 @@ class _Search:
     def _judge_groups(self, prompts: list[Prompt], width: int) -> tuple[list[list[int]], list[int]]:
         """Split judge prompts into batches that fit both `width` free sequences and the free KV cells
         (each prompt's unshared tokens plus its verdict budget); also the prompts that fit nowhere."""
-        room = self.e.config.n_ctx - 1 - self._cells_held
+        room = self.e.config.n_ctx - 1 - self._cells_held - self._judge_cells
         groups: list[list[int]] = [[]]
         left_out: list[int] = []
         cells = 0
@@ -399,18 +403,24 @@ class _Search:
         None for a prompt that does not fit in the KV cache beside the candidates."""
         verdicts: list[str | None] = [None] * len(prompts)
         first = self._n_live + 1  # sequences 1..n hold the candidates until one is adopted
-        width = self.e.config.n_seq_max - first
-        if width < 1:
+        if self.e.config.n_seq_max - first < 1:
             raise ValueError(f"n_seq_max {self.e.config.n_seq_max} leaves no sequence for judging "
                              f"{self._n_live} candidates; raise n_seq_max")
-        groups, left_out = self._judge_groups(prompts, width)
+
+        def free() -> list[int]:
+            return [s for s in range(first, self.e.config.n_seq_max) if s not in self._judges_held]
+
+        groups, left_out = self._judge_groups(prompts, len(free()))
+        if self._judges_held and (len(groups) != 1 or left_out):  # the kept rounds crowd this one out
+            self._release_judges()
+            groups, left_out = self._judge_groups(prompts, len(free()))
         if left_out:
             self.flags.append(f"judge: {len(left_out)} judge prompt(s) did not fit in the KV cache "
                               f"(n_ctx {self.e.config.n_ctx}); chose by log-probability; raise --ctx")
         try:
             for group in groups:
-                seqs = list(range(first, first + len(group)))
-                states, stats = self.e.eval_forked([prompts[i] for i in group], seqs)
+                seqs = free()[:len(group)]
+                states, stats = self.e.eval_forked([prompts[i] for i in group], seqs, self._judges_held)
                 self.tokens["judge_prompt"] += stats.tokens_evaluated
                 self.timings["image_encode_s"] = self.timings.get("image_encode_s", 0.0) + stats.image_encode_s
                 cands, _ = yield from self._generate(states, self.cfg.judge_temperature, "verdict",
@@ -418,12 +428,21 @@ class _Search:
                                                      stream=False)
                 for i, c in zip(group, cands, strict=True):
                     verdicts[i] = c.text
-                for s in seqs:
-                    self.e.drop(s)
+                if len(groups) == 1:  # keep them: the next round's prompts start the same way
+                    self._judges_held.update((s, prompts[i].keys) for s, i in zip(seqs, group, strict=True))
+                    self._judge_cells += stats.tokens_evaluated + sum(len(c.tokens) + 1 for c in cands)
+                else:
+                    for s in seqs:
+                        self.e.drop(s)
         finally:
             for p in prompts:
                 self.e.free_prompt(p)
         return verdicts
+
+    def _release_judges(self) -> None:
+        for s in self._judges_held:
+            self.e.drop(s)
+        self._judges_held, self._judge_cells = {}, 0
 
     # -- strategies ------------------------------------------------------------------------------
 
@@ -452,6 +471,7 @@ class _Search:
             self.flags.append(stop.why)
             clean = True
         finally:
+            self._judges_held, self._judge_cells = {}, 0
             for s in range(1, self.e.config.n_seq_max):
                 self.e.drop(s)
             if clean:  # keep the prompt (chat header, image, question) for a follow-up question

@@ -41,14 +41,18 @@ def test_accuracy_on_jsonl(trained, capsys):
     assert sum(k for k, _ in forms.values()) == doc["correct"]
 
 
-def test_accuracy_reports_which_response_the_judge_picks(trained, capsys):
+def test_accuracy_reports_which_response_the_judge_picks_and_its_checks(trained, capsys):
     assert bench_main(["accuracy", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
                        "--search", "stage:4", "--limit", "4", "--json"]) == 0
-    picks = json.loads(capsys.readouterr().out)["judge_picks"]
+    doc = json.loads(capsys.readouterr().out)
+    picks, checks = doc["judge_picks"], doc["reasoning_checks"]
     assert set(picks) == {"first", "second"} and all(v >= 0 for v in picks.values())
+    assert set(checks) == {"correct", "incorrect"} and all(v >= 0 for v in checks.values())
     assert bench_main(["accuracy", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
                        "--search", "greedy", "--limit", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["judge_picks"] == {"first": 0, "second": 0}  # greedy judges nothing
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["judge_picks"] == {"first": 0, "second": 0}  # greedy judges nothing
+    assert doc["reasoning_checks"] == {"correct": 0, "incorrect": 0}
 
 
 def test_accuracy_counts_the_runtime_flags(trained, capsys):
@@ -133,6 +137,9 @@ def test_search_specs_and_stats():
     assert anchored.greedy_candidate and anchored.selector == "logprob" and not parse_search("stage:4").greedy_candidate
     assert search_label(anchored) == "stage:4:logprob+greedy"
     assert search_label(parse_search("stage:4+swap+greedy")) == "stage:4+greedy+swap"
+    unchecked = parse_search("stage:4+nocheck")
+    assert not unchecked.reasoning_check and parse_search("stage:4").reasoning_check
+    assert search_label(unchecked) == "stage:4+nocheck" and search_label(parse_search("stage:4")) == "stage:4"
     for bad in ("stage:x", "greedy+greedy", "sentence:4+greedy", "stage:4+fast"):
         with pytest.raises(BenchError):
             parse_search(bad)

@@ -378,6 +378,9 @@ def test_cli_errors(trained, tmp_path, capsys):
     assert cli.main(["run", "x.png", "q", "--print-config"]) == 0
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["search"]["strategy"] == "stage" and resolved["engine"]["flash_attn"] is None
+    assert resolved["search"]["reasoning_check"] is True
+    assert cli.main(["run", "x.png", "q", "--no-reasoning-check", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["search"]["reasoning_check"] is False
     assert cli.main(["run", "x.png", "q", "--flash-attn", "off", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["engine"]["flash_attn"] is False
 
@@ -435,6 +438,31 @@ def test_forked_prompts_sharing_text_equal_separate_evaluation(trained, question
     assert stats.tokens_evaluated < n_text - 20  # the common text ran once
     for a, b in zip(shared, separate, strict=True):
         assert a.pos == b.pos and np.abs(a.logits - b.logits).max() < 1e-5
+
+
+def test_prompts_starting_like_a_held_sequence_equal_separate_evaluation(trained, questions):
+    """A knockout's next round forks what it shares with the round before from that round's kept
+    sequence (not only from sequence 0): same logits, fewer tokens evaluated."""
+    image, q, _ = questions[0]
+    cfg = EngineConfig(n_ctx=2048, n_seq_max=6, n_threads=2, kv_f32=True, flash_attn=False)
+    main = f"<|user|>\n<__media__>\n{q}<|end|>\n<|assistant|>\n"
+    head = "<|user|>\n<__media__>\nAct as a judge. Compare the two answers to the question below carefully. "
+    first, then = (head + f"Response 1: {a}\nResponse 2: {b}<|end|>\n<|assistant|>\n"
+                   for a, b in (("two red circles", "three"), ("two red circles", "four blue squares")))
+    with Engine(trained.gguf, trained.mmproj, cfg) as e:
+        e.eval_prompt(e.prepare(main, image))
+        held = e.prepare(first, image)
+        (st,), _ = e.eval_forked([held], [1])
+        e.step([(1, 7, st.pos)])  # a verdict decoded after the held prompt must not leak into the reuse
+        (reused,), stats = e.eval_forked([e.prepare(then, image)], [2], held={1: held.keys})
+        with pytest.raises(ValueError, match="held sequence"):
+            e.eval_forked([e.prepare(then, image)], [1], held={1: held.keys})
+        e.eval_prompt(e.prepare(main, image))
+        (separate,), fresh = e.eval_forked([e.prepare(then, image)], [3])
+    print("max |reused - separate|", np.abs(reused.logits - separate.logits).max(),
+          "tokens", stats.tokens_evaluated, "vs", fresh.tokens_evaluated)
+    assert stats.tokens_evaluated < fresh.tokens_evaluated - 20
+    assert reused.pos == separate.pos and np.abs(reused.logits - separate.logits).max() < 1e-5
 
 
 def test_judge_batches_fit_the_kv_cache_and_give_the_verdicts_of_a_large_one():
