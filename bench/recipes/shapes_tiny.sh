@@ -14,10 +14,11 @@ EVAL="$RUN/data/eval-5002"
 mkdir -p "$OUT"
 [ -f "$EVAL/records.jsonl" ] || llavao1-data shapes --out "$EVAL" --n "$N" --seed 5002 --split eval --kinds cot
 # 1 and 2 run side by side, one thread each (a 7M-parameter model gains little from a second thread).
-# 1. search settings on the F16 model: greedy, stage N=2/4 (judge), best-of-N 4, the logprob and vote selectors
+# 1. search settings on the F16 model: greedy, stage N=2/4 (judge; N=4 also without the reasoning check),
+# best-of-N 4, the logprob and vote selectors
 llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
     --quants F16 --mmproj-quants F16 --threads 1 \
-    --search greedy,stage:2,stage:4,best-of-n:4,stage:4:logprob,best-of-n:4:vote --out "$OUT/search" -q &
+    --search greedy,stage:2,stage:4,stage:4+nocheck,best-of-n:4,stage:4:logprob,best-of-n:4:vote --out "$OUT/search" -q &
 SEARCH=$!
 # 2. quantization: F16 ... Q2_K text x F16 / Q8_0 projector, greedy
 llavao1-bench sweep --data "$EVAL/records.jsonl" --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" \
@@ -44,8 +45,8 @@ for fa in auto off; do
             $([ "$s" = greedy ] || echo --compare-reference --compare-greedy)
     done
 done
-# 4b. the settings without a judge (and the judge both orders) against greedy, timed in one go (no reference)
-for s in greedy stage:2:logprob+greedy stage:4:logprob+greedy stage:4+greedy+swap; do
+# 4b. the settings without a judge, the judge both orders and the judge without the reasoning check, against greedy
+for s in greedy stage:2:logprob+greedy stage:4:logprob+greedy stage:4+greedy+swap stage:4+nocheck; do
     latency "$OUT/latency_extra_$(echo "$s" | tr ':+' '__').json" --search "$s"
 done
 # 5. stage search with greedy decoding as candidate 1 (+greedy), and with the judge asked both orders (+swap);
