@@ -483,10 +483,10 @@ class Engine:
         t0 = time.perf_counter()
         pending = []
         for prompt, seq in zip(prompts, seqs, strict=True):
-            keys = prompt.keys
-            src = max(held, key=lambda s: _common_prefix(held[s], keys), default=None)
-            if src is None or _common_prefix(held[src], keys) <= _common_prefix(self._seq0_keys, keys):
-                src = 0
+            shares = {s: _common_prefix(k, prompt.keys) for s, k in held.items()}
+            src = max(shares, key=shares.__getitem__, default=0)
+            if src and shares[src] <= _common_prefix(self._seq0_keys, prompt.keys):
+                src = 0  # sequence 0 shares as much (the chat header and image): no reason to tie to a judge
             shared_end, todo = self._plan(prompt, held[src] if src else None)
             self.drop(seq)
             if shared_end:
