@@ -506,7 +506,7 @@ class Engine:
         first = pending[0][1]
         common = min(len(toks) for _, toks, _ in pending) - 1  # each keeps at least one token, for logits
         for _, toks, _ in pending[1:]:
-            common = next((i for i in range(common) if toks[i] != first[i]), common)
+            common = min(common, _common_prefix(toks, first))
         if common < 8:
             return pending
         seq0, start = pending[0][0], pending[0][2]

@@ -452,7 +452,6 @@ def train(cfg: TrainConfig) -> Path:
             micro = [examples[i] for i in mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
             passes += [[micro[i] for i in run]
                        for run in length_split([len(e.input_ids) for e in micro], cfg.length_split) if run]
-        last_micro = micro  # the image check below looks at a whole micro-batch, split or not
         for k, part in enumerate(passes):
             batch = _device_batch(part, ispec, tokenizer.pad_token_id, device)
             sync = world == 1 or k == len(passes) - 1
@@ -481,7 +480,8 @@ def train(cfg: TrainConfig) -> Path:
                 _log(out, {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                            "tokens_per_s": tok_count * world / dt, "samples_per_s": sample_count * world / dt,
                            "padding": 1 - tok_count / max(1, cell_count),  # share of computed tokens that pad
-                           **image_reliance(model, _device_batch(last_micro, ispec, tokenizer.pad_token_id, device),
+                           # the image check looks at the last whole micro-batch, split into passes or not
+                           **image_reliance(model, _device_batch(micro, ispec, tokenizer.pad_token_id, device),
                                             autocast)})
                 t_last, tok_count, cell_count, sample_count = time.perf_counter(), 0, 0, 0
         if cfg.eval_every and eval_examples and step % cfg.eval_every == 0 and rank == 0:
