@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import defaultdict
@@ -42,6 +43,7 @@ class AccuracyReport:
     by_form: dict[str, list[int]] = field(default_factory=dict)  # "mc" (options A-D) / "open" -> [correct, n]
     flags: dict[str, int] = field(default_factory=dict)  # runtime flag (numbers as N) -> questions that raised it
     reasoning_checks: dict[str, int] = field(default_factory=dict)  # the judge's check of REASONING candidates
+    questions_sha256: str = ""  # which questions, in order: `llavao1-bench compare` pairs only reports that match
 
     @property
     def accuracy(self) -> float:
@@ -53,7 +55,8 @@ class AccuracyReport:
                 "by_category": self.by_category, "failures": self.failures, "seconds": self.seconds,
                 "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions,
                 "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())},
-                "by_form": self.by_form, "flags": self.flags, "reasoning_checks": self.reasoning_checks}
+                "by_form": self.by_form, "flags": self.flags, "reasoning_checks": self.reasoning_checks,
+                "questions_sha256": self.questions_sha256}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -141,4 +144,12 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
                           spent / max(1, len(items)), picks, dict(captions), dict(by_objects),
-                          dict(by_form), dict(flags), dict(checks))
+                          dict(by_form), dict(flags), dict(checks), questions_fingerprint(items))
+
+
+def questions_fingerprint(items: list[BenchItem]) -> str:
+    """sha256 over the questions' ids and references, in order."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.id}\t{it.reference}\n".encode())
+    return h.hexdigest()

@@ -1,10 +1,11 @@
-"""`llavao1-bench`: latency, accuracy and quantization x search sweeps.
+"""`llavao1-bench`: latency, accuracy, paired comparisons and quantization x search sweeps.
 
 examples:
   llavao1-bench latency --search stage:4 --compare-reference
   llavao1-bench batching --threads 2          # is a step with N sequences ~1x or ~Nx one? (search's price)
   llavao1-bench accuracy --data eval/records.jsonl --search greedy --limit 200
   llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
+  llavao1-bench compare greedy.json stage4.json   # which questions stage:4 fixes / breaks, McNemar's exact p
   llavao1-bench colour --model runs/shapes-tiny/train-mix/final --data eval/records.jsonl  # reads colours or copies?
   llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
       --quants F16,Q8_0,Q4_K_M --search greedy,stage:2 --limit 100 --out sweep/
@@ -80,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--data", required=True, help="LLaVA-CoT .jsonl or VLMEvalKit .tsv")
     acc.add_argument("--search", default="greedy", help=SEARCH_HELP)
     acc.add_argument("--limit", type=int)
+
+    cmp = sub.add_parser("compare", help="two accuracy reports question by question: fixed, broken, McNemar's p",
+                         description="Pairs two accuracy reports on the same questions: how many questions B gets "
+                         "right that A gets wrong (fixed) and the reverse (broken), overall and per category, and "
+                         "McNemar's exact p (how often a split that uneven comes from two equally good settings). "
+                         "Reports come from llavao1-bench accuracy --json, or from a sweep as RESULTS.json#CELL, "
+                         "e.g. 'sweep/results.json#gguf|F16|F16|stage:4' (quote it for the shell).")
+    cmp.add_argument("a", metavar="A", help="the baseline report")
+    cmp.add_argument("b", metavar="B", help="the report compared with it")
+    cmp.add_argument("--json", action="store_true", help="print one JSON object (with the fixed and broken ids)")
 
     col = sub.add_parser("colour", help="does a checkpoint read colours from the image or copy the question's? "
                          "(shapes data, torch)",
@@ -183,6 +194,12 @@ def _run(args) -> int:
         return 0
     if args.command == "batching":
         return _batching(args)
+    if args.command == "compare":
+        from .compare import compare_reports, load_accuracy
+
+        res = compare_reports(load_accuracy(args.a), load_accuracy(args.b))
+        print(json.dumps(res.to_json(), indent=2) if args.json else res.table())
+        return 0
     if args.command == "colour":
         from .colour import measure_colour
 

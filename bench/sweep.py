@@ -218,13 +218,14 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
         lo, hi = wilson_interval(acc.correct, acc.n)
         row = {"cell": cell, "backend": backend_name, "quant": q, "mmproj_quant": mq, "search": search_label(scfg),
                "search_config": asdict(scfg), "accuracy": acc.accuracy, "ci95_low": lo, "ci95_high": hi, "n": acc.n,
-               "by_category": {k: v["accuracy"] for k, v in acc.by_category.items()},
+               "by_category": acc.by_category,
                **_summarise(answers, scfg),
                "size_mb": sum(f.stat().st_size for f in files) / 2**20,
                "model_sha256": sha256_file(files[0]), "files": [str(f) for f in files],
                "quant_types": _types(files[0]) if backend_name == "gguf" else None,
                "threads": cfg.threads or os.cpu_count(), "commit": prov.commit, "cpu": prov.cpu,
-               "versions": prov.versions, "date": prov.date, "failures": acc.failures[:20]}
+               "versions": prov.versions, "date": prov.date, "failures": acc.failures,
+                "questions_sha256": acc.questions_sha256}
         done[cell] = row
         _atomic_write(results_path, json.dumps({"cells": done}, indent=2))
     rows = list(done.values())
@@ -236,6 +237,11 @@ def _types(path: Path) -> dict:
     from llavao1_edge.modelfile import describe
 
     return describe(path).tensor_types
+
+
+def _category_accuracy(row: dict, cat: str) -> float:
+    v = row.get("by_category", {}).get(cat, float("nan"))
+    return v["accuracy"] if isinstance(v, dict) else v  # cells written before the counts were kept: a float
 
 
 def write_outputs(rows: list[dict], out: Path) -> None:
@@ -268,7 +274,7 @@ def render_report(rows: list[dict], plots: list[Path]) -> str:
         for r in rows:
             lines.append(f"| {r['backend']} {r['quant']}{'/' + r['mmproj_quant'] if r.get('mmproj_quant') else ''} "
                          f"{r['search']} | " +
-                         " | ".join(f"{r['by_category'].get(c, float('nan')):.2f}" for c in cats) + " |")
+                         " | ".join(f"{_category_accuracy(r, c):.2f}" for c in cats) + " |")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items())]
     return "\n".join(lines) + "\n"

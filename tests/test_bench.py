@@ -6,6 +6,7 @@ import pytest
 
 from llavao1_bench.cli import main as bench_main
 from llavao1_bench.common import BenchError, load_items, parse_search, search_label, wilson_interval
+from llavao1_bench.compare import compare_reports, load_accuracy, mcnemar_exact
 from llavao1_bench.paper_search import PaperStyleSearch
 from llavao1_bench.plots import pareto_front
 from llavao1_edge.api import Reasoner
@@ -39,6 +40,7 @@ def test_accuracy_on_jsonl(trained, capsys):
     mc = sum(1 for r in recs if r["meta"].get("form") == "mc")
     assert 0 < mc < 12 and forms["mc"][1] == mc and sum(n for _, n in forms.values()) == 12
     assert sum(k for k, _ in forms.values()) == doc["correct"]
+    assert len(doc["questions_sha256"]) == 64  # what `compare` checks before pairing two reports
 
 
 def test_accuracy_reports_which_response_the_judge_picks_and_its_checks(trained, capsys):
@@ -63,6 +65,62 @@ def test_accuracy_counts_the_runtime_flags(trained, capsys):
     flags = json.loads(capsys.readouterr().out)["flags"]
     full = {f: n for f, n in flags.items() if "KV cache (n_ctx N)" in f}  # numbers folded, so answers add up
     assert full and all(1 <= n <= 3 for n in full.values()), flags
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # five of five the same way: 2 * 0.5**5
+    assert mcnemar_exact(33, 23) == mcnemar_exact(23, 33) == pytest.approx(0.2288, abs=1e-4)
+    assert mcnemar_exact(3, 3) == 1.0  # capped: an even split is no evidence either way
+
+
+def _report(n, wrong, fingerprint="q1", cats=None):
+    failures = [{"id": i, "category": c, "question": "q", "expected": "1", "got": "2"} for i, c in wrong]
+    cats = cats or {"a": 2, "b": 2}
+    by_cat = {c: {"n": k, "correct": k - sum(fc == c for _, fc in wrong)} for c, k in cats.items()}
+    return {"n": n, "correct": n - len(wrong), "failures": failures, "by_category": by_cat,
+            "questions_sha256": fingerprint}
+
+
+def test_compare_pairs_reports_question_by_question(tmp_path, capsys):
+    a = _report(4, [("q1", "a"), ("q3", "b")])
+    b = _report(4, [("q3", "b"), ("q4", "b")])
+    res = compare_reports(("A", a), ("B", b))
+    assert [f["id"] for f in res.fixed] == ["q1"] and [f["id"] for f in res.broken] == ["q4"]
+    assert res.correct == (2, 2) and res.same_questions is True and res.p_value == 1.0
+    assert res.by_category["a"] == {"n": 2, "a": 0.5, "b": 1.0, "fixed": 1, "broken": 0}
+    assert res.by_category["b"]["broken"] == 1
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": {"gguf|F16|F16|stage:4": b}}))
+    assert bench_main(["compare", str(tmp_path / "a.json"), f"{tmp_path / 'sweep.json'}#gguf|F16|F16|stage:4",
+                       "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["fixed"], doc["broken"], doc["fixed_ids"], doc["b"]) == (1, 1, ["q1"], "gguf|F16|F16|stage:4")
+
+
+@pytest.mark.parametrize("b, message", [
+    (_report(5, [("q3", "b")]), "B 5: not the same"),
+    (_report(4, [("q3", "b")], fingerprint="other"), "different questions"),
+    (_report(4, [("q3", "b")], cats={"a": 1, "b": 3}), "per category"),
+])
+def test_compare_refuses_reports_on_different_questions(b, message):
+    with pytest.raises(BenchError, match=message):
+        compare_reports(("A", _report(4, [("q1", "a")])), ("B", b))
+
+
+def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):
+    truncated = {**_report(4, [("q1", "a"), ("q3", "b")]), "correct": 1}  # three failures, two listed
+    (tmp_path / "t.json").write_text(json.dumps(truncated))
+    (tmp_path / "s.json").write_text(json.dumps({"cells": {"x": truncated}}))
+    (tmp_path / "bad.json").write_text("{not json")
+    for spec, message in ((tmp_path / "t.json", "lists 2 of its 3 failures"), (tmp_path / "s.json", "name a cell"),
+                          (f"{tmp_path / 's.json'}#y", "no cell 'y'"), (tmp_path / "bad.json", "not a JSON report"),
+                          (tmp_path / "missing.json", "file not found")):
+        with pytest.raises(BenchError, match=message):
+            load_accuracy(str(spec))
+    assert bench_main(["compare", str(tmp_path / "t.json"), str(tmp_path / "t.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "t.json" in err  # one line naming the file, no traceback
 
 
 def test_accuracy_on_vlmevalkit_tsv(trained, tmp_path, capsys):
@@ -113,7 +171,12 @@ def test_sweep_writes_everything_and_resumes(trained, tmp_path, capsys):
         assert row[key], key
     report = (out / "report.md").read_text()
     assert "| gguf | Q4_K_M | F16 | stage:2 |" in report and "![accuracy_vs_latency]" in report
-    capsys.readouterr()
+    capsys.readouterr()  # every failure is kept, so two cells pair question by question
+    assert bench_main(["compare", f"{out}/results.json#gguf|F16|F16|greedy", f"{out}/results.json#gguf|Q4_K_M|F16|stage:2",
+                       "--json"]) == 0
+    pair = json.loads(capsys.readouterr().out)
+    assert pair["same_questions_checked"] and pair["n"] == 3
+    assert pair["accuracy_b"] - pair["accuracy_a"] == pytest.approx((pair["fixed"] - pair["broken"]) / 3)
     assert bench_main(args) == 0
     assert capsys.readouterr().err.count("(done)") == 4  # finished cells are skipped
 
