@@ -90,10 +90,19 @@ class Comparison:
                  f"McNemar exact p = {self.p_value:.3g}"]
         if self.same_questions is None:
             lines.append("  (a report has no question fingerprint: same n, same questions assumed)")
-        lines.append(f"  {'category':<20} {'n':>4} {'A':>6} {'B':>6} {'fixed':>6} {'broken':>7}")
+        if self.by_category:
+            lines.append(f"  {'category':<20} {'n':>4} {'A':>6} {'B':>6} {'fixed':>6} {'broken':>7}")
         for cat, d in sorted(self.by_category.items()):
             lines.append(f"  {cat:<20} {d['n']:>4} {d['a']:>6.3f} {d['b']:>6.3f} {d['fixed']:>6} {d['broken']:>7}")
         return "\n".join(lines)
+
+
+def _category_counts(report: dict) -> dict[str, dict]:
+    """category -> {"n", "correct"}; empty for reports that keep only accuracies (sweeps before the counts)."""
+    cats = report.get("by_category") or {}
+    if not all(isinstance(d, dict) and isinstance(d.get("n"), int) and "correct" in d for d in cats.values()):
+        return {}
+    return cats
 
 
 def compare_reports(a: tuple[str, dict], b: tuple[str, dict]) -> Comparison:
@@ -104,15 +113,15 @@ def compare_reports(a: tuple[str, dict], b: tuple[str, dict]) -> Comparison:
     fa, fb = ra.get("questions_sha256"), rb.get("questions_sha256")
     if fa and fb and fa != fb:
         raise BenchError(f"{la} and {lb} were measured on different questions (questions_sha256 differs)")
-    cats_a, cats_b = ra.get("by_category") or {}, rb.get("by_category") or {}
-    if {c: d.get("n") for c, d in cats_a.items()} != {c: d.get("n") for c, d in cats_b.items()}:
+    cats_a, cats_b = _category_counts(ra), _category_counts(rb)
+    if cats_a and cats_b and {c: d["n"] for c, d in cats_a.items()} != {c: d["n"] for c, d in cats_b.items()}:
         raise BenchError(f"{la} and {lb} count different questions per category: not the same question set")
     wrong_a = {f["id"]: f for f in ra["failures"]}
     wrong_b = {f["id"]: f for f in rb["failures"]}
     fixed = [f for i, f in wrong_a.items() if i not in wrong_b]
     broken = [f for i, f in wrong_b.items() if i not in wrong_a]
     by_cat = {}
-    for cat, d in cats_a.items():
+    for cat, d in (cats_a if cats_b else {}).items():
         by_cat[cat] = {"n": d["n"], "a": d["correct"] / d["n"], "b": cats_b[cat]["correct"] / d["n"],
                        "fixed": sum(f.get("category") == cat for f in fixed),
                        "broken": sum(f.get("category") == cat for f in broken)}

@@ -225,7 +225,7 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
                "quant_types": _types(files[0]) if backend_name == "gguf" else None,
                "threads": cfg.threads or os.cpu_count(), "commit": prov.commit, "cpu": prov.cpu,
                "versions": prov.versions, "date": prov.date, "failures": acc.failures,
-                "questions_sha256": acc.questions_sha256}
+               "questions_sha256": acc.questions_sha256}
         done[cell] = row
         _atomic_write(results_path, json.dumps({"cells": done}, indent=2))
     rows = list(done.values())

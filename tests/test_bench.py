@@ -108,6 +108,13 @@ def test_compare_refuses_reports_on_different_questions(b, message):
         compare_reports(("A", _report(4, [("q1", "a")])), ("B", b))
 
 
+def test_compare_reads_sweep_cells_that_kept_only_category_accuracies():
+    old = {**_report(4, [("q1", "a")]), "by_category": {"a": 0.5, "b": 1.0}}
+    res = compare_reports(("A", old), ("B", _report(4, [])))
+    assert (len(res.fixed), len(res.broken), res.by_category) == (1, 0, {})
+    assert "category" not in res.table()
+
+
 def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):
     truncated = {**_report(4, [("q1", "a"), ("q3", "b")]), "correct": 1}  # three failures, two listed
     (tmp_path / "t.json").write_text(json.dumps(truncated))
