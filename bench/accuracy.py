@@ -44,6 +44,7 @@ class AccuracyReport:
     flags: dict[str, int] = field(default_factory=dict)  # runtime flag (numbers as N) -> questions that raised it
     reasoning_checks: dict[str, int] = field(default_factory=dict)  # the judge's check of REASONING candidates
     questions_sha256: str = ""  # which questions, in order: `llavao1-bench compare` pairs only reports that match
+    caption_search: dict[str, int] = field(default_factory=dict)  # CAPTION candidates vs the scene: does the judge see?
 
     @property
     def accuracy(self) -> float:
@@ -56,7 +57,7 @@ class AccuracyReport:
                 "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions,
                 "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())},
                 "by_form": self.by_form, "flags": self.flags, "reasoning_checks": self.reasoning_checks,
-                "questions_sha256": self.questions_sha256}
+                "questions_sha256": self.questions_sha256, "caption_search": self.caption_search}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -66,6 +67,14 @@ class AccuracyReport:
         if pairs:
             lines.append(f"  judge chose the first of two responses in {self.judge_picks['first']}/{pairs} pairs "
                          f"({self.judge_picks['first'] / pairs:.0%}; an unbiased judge: about 50%)")
+        cs = self.caption_search
+        if cs.get("steps"):  # the search can only help where some candidate is right and the selector finds it
+            lines.append(f"  caption candidates: every object right in {cs['candidates_right']}/{cs['candidates']}; "
+                         f"a right one among them in {cs['any_right']}/{cs['steps']} questions, chosen in "
+                         f"{cs['chosen_right']}/{cs['steps']}")
+            if cs["decisive_pairs"]:
+                lines.append(f"  caption judge: chose the right caption in {cs['judge_right']}/{cs['decisive_pairs']} "
+                             "pairs where one of the two was right (a coin: 50%)")
         checked = sum(self.reasoning_checks.values())
         if checked:  # a check that passes everything costs time and filters nothing
             lines.append(f"  reasoning check: {self.reasoning_checks.get('incorrect', 0)}/{checked} candidates judged "
@@ -110,6 +119,7 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     by_objects: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     by_form: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     flags: dict[str, int] = defaultdict(int)
+    caption_search: dict[str, int] = defaultdict(int)
     for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
         ans = answer(item)
         spent += ans.seconds
@@ -119,6 +129,8 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
             checks[k] += v
         for flag in {re.sub(r"\d+", "N", f) for f in ans.timings.get("flags", [])}:
             flags[flag] += 1
+        for step in ans.timings.get("caption_steps", []) if item.scene else []:
+            _score_caption_step(step, item.scene, caption_search)
         got = extract_prediction(ans.text)
         stages = parse_answer(ans.text).stages if item.scene else {}
         caption = stages.get("caption")
@@ -144,7 +156,24 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
                           spent / max(1, len(items)), picks, dict(captions), dict(by_objects),
-                          dict(by_form), dict(flags), dict(checks), questions_fingerprint(items))
+                          dict(by_form), dict(flags), dict(checks), questions_fingerprint(items), dict(caption_search))
+
+
+def _score_caption_step(step: dict, scene: list[dict], counts: dict[str, int]) -> None:
+    """One CAPTION selection against the scene: candidates with every object right, whether the chosen one is,
+    and each judged pair where exactly one caption is right: did the judge keep that one?"""
+    right = [bool(caption_check(text, scene)["objects_right"]) for text in step["candidates"]]
+    counts["steps"] += 1
+    counts["candidates"] += len(right)
+    counts["candidates_right"] += sum(right)
+    counts["any_right"] += any(right)
+    counts["chosen_right"] += right[step["chosen"]]
+    counts["decisive_pairs"] += 0
+    counts["judge_right"] += 0
+    for first, second, winner in step["judgements"]:
+        if right[first] != right[second]:
+            counts["decisive_pairs"] += 1
+            counts["judge_right"] += right[winner]
 
 
 def questions_fingerprint(items: list[BenchItem]) -> str:

@@ -29,8 +29,12 @@ class GGUFBackend:
         picks = {"first": sum(j.winner == j.first for j in made), "second": sum(j.winner == j.second for j in made)}
         checked = [c.check for s in res.steps for c in s.candidates if s.unit == "reasoning"]
         checks = {"correct": checked.count(True), "incorrect": checked.count(False)}  # None: not checked
+        captions = [{"candidates": [c.unit_text for c in s.candidates], "chosen": s.chosen,
+                     "judgements": [(j.first, j.second, j.winner) for j in s.judgements]}
+                    for s in res.steps if s.unit == "caption"]  # scored against the scene in run_accuracy
         return Answer(res.text, time.perf_counter() - t0, {**res.timings, "tokens": res.tokens, "flags": res.flags,
-                                                           "judge_picks": picks, "reasoning_checks": checks})
+                                                           "judge_picks": picks, "reasoning_checks": checks,
+                                                           "caption_steps": captions})
 
     def close(self) -> None:
         self.reasoner.close()

@@ -1,9 +1,11 @@
 """Bench commands on the tiny trained model: accuracy (JSONL and TSV), latency, paper baseline, sweep."""
 
 import json
+from collections import defaultdict
 
 import pytest
 
+from llavao1_bench.accuracy import _score_caption_step
 from llavao1_bench.cli import main as bench_main
 from llavao1_bench.common import BenchError, load_items, parse_search, search_label, wilson_interval
 from llavao1_bench.compare import compare_reports, load_accuracy, mcnemar_exact
@@ -50,11 +52,15 @@ def test_accuracy_reports_which_response_the_judge_picks_and_its_checks(trained,
     picks, checks = doc["judge_picks"], doc["reasoning_checks"]
     assert set(picks) == {"first", "second"} and all(v >= 0 for v in picks.values())
     assert set(checks) == {"correct", "incorrect"} and all(v >= 0 for v in checks.values())
+    cs = doc["caption_search"]  # one CAPTION selection per question, its 4 candidates scored against the scene
+    assert cs["steps"] == 4 and cs["candidates"] == 16 and 0 <= cs["candidates_right"] <= 16
+    assert cs["chosen_right"] <= cs["any_right"] <= cs["steps"] and cs["judge_right"] <= cs["decisive_pairs"]
     assert bench_main(["accuracy", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
                        "--search", "greedy", "--limit", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["judge_picks"] == {"first": 0, "second": 0}  # greedy judges nothing
     assert doc["reasoning_checks"] == {"correct": 0, "incorrect": 0}
+    assert doc["caption_search"] == {}  # greedy selects nothing
 
 
 def test_accuracy_counts_the_runtime_flags(trained, capsys):
@@ -65,6 +71,17 @@ def test_accuracy_counts_the_runtime_flags(trained, capsys):
     flags = json.loads(capsys.readouterr().out)["flags"]
     full = {f: n for f, n in flags.items() if "KV cache (n_ctx N)" in f}  # numbers folded, so answers add up
     assert full and all(1 <= n <= 3 for n in full.values()), flags
+
+
+def test_caption_selection_is_scored_against_the_scene():
+    scene = [{"size": "small", "color": "red", "shape": "square", "x": 0.5, "y": 0.2}]
+    right = "The image shows 1 object: a small red square at the top."
+    wrong = "The image shows 1 object: a small blue square at the top."
+    counts = defaultdict(int)
+    step = {"candidates": [wrong, right, wrong, wrong], "chosen": 0, "judgements": [(0, 1, 0), (2, 3, 2), (0, 2, 0)]}
+    _score_caption_step(step, scene, counts)
+    assert dict(counts) == {"steps": 1, "candidates": 4, "candidates_right": 1, "any_right": 1, "chosen_right": 0,
+                            "decisive_pairs": 1, "judge_right": 0}  # only (0, 1) had a right caption, and lost it
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
