@@ -168,7 +168,7 @@ def _score_caption_step(step: dict, scene: list[dict], counts: dict[str, int]) -
     counts["candidates_right"] += sum(right)
     counts["any_right"] += any(right)
     counts["chosen_right"] += right[step["chosen"]]
-    counts["decisive_pairs"] += 0
+    counts["decisive_pairs"] += 0  # present, if zero, in every report that scored a selection
     counts["judge_right"] += 0
     for first, second, winner in step["judgements"]:
         if right[first] != right[second]:
