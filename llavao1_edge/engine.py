@@ -354,13 +354,14 @@ class Engine:
             self._images.popitem(last=False)
         return embd
 
-    def _plan(self, prompt: Prompt, held: list | None = None) -> tuple[int, list[tuple[TextChunk | ImageChunk, int, int]]]:
-        """What of `prompt` a sequence already holds (`held`: its keys; default sequence 0's last
-        prompt): (position where the shared part ends, [(chunk, tokens of it already held,
-        position the chunk starts at)] to decode)."""
+    def _plan(self, prompt: Prompt, common: int | None = None) -> tuple[int, list[tuple[TextChunk | ImageChunk, int, int]]]:
+        """What of `prompt` a sequence already holds (`common`: the keys it shares with the prompt;
+        default: what sequence 0's last prompt shares): (position where the shared part ends,
+        [(chunk, tokens of it already held, position the chunk starts at)] to decode)."""
         keys = prompt.keys
-        common = min(_common_prefix(self._seq0_keys if held is None else held, keys),
-                     len(keys) - 1)  # decode at least the last token, for its logits
+        if common is None:
+            common = _common_prefix(self._seq0_keys, keys)
+        common = min(common, len(keys) - 1)  # decode at least the last token, for its logits
         cell = pos = 0
         shared_end: int | None = None
         todo = []
@@ -483,11 +484,11 @@ class Engine:
         t0 = time.perf_counter()
         pending = []
         for prompt, seq in zip(prompts, seqs, strict=True):
-            shares = {s: _common_prefix(k, prompt.keys) for s, k in held.items()}
-            src = max(shares, key=shares.__getitem__, default=0)
-            if src and shares[src] <= _common_prefix(self._seq0_keys, prompt.keys):
-                src = 0  # sequence 0 shares as much (the chat header and image): no reason to tie to a judge
-            shared_end, todo = self._plan(prompt, held[src] if src else None)
+            # sequence 0 first: where a judge shares no more (the chat header and image), no reason to tie to it
+            shares = {0: _common_prefix(self._seq0_keys, prompt.keys)}
+            shares.update((s, _common_prefix(k, prompt.keys)) for s, k in held.items())
+            src = max(shares, key=shares.__getitem__)  # the first of the largest: ties stay with sequence 0
+            shared_end, todo = self._plan(prompt, shares[src])
             self.drop(seq)
             if shared_end:
                 self._L.llama_memory_seq_cp(self._mem, src, seq, 0, shared_end)
