@@ -65,7 +65,7 @@ else
     wait $LANE
 fi
 # 6. the search against greedy once more, on 1,500 questions of their own (seed 5003): on 500 a 2-point gap is
-# within chance (llavao1-bench compare prints McNemar's p). BENCH_CONFIRM=0 skips it (~25 minutes on 2 cores).
+# within chance (llavao1-bench compare prints McNemar's p). BENCH_CONFIRM=0 skips it (~37 minutes on 2 cores).
 if [ "${BENCH_CONFIRM:-1}" != 0 ]; then
     CONFIRM="$RUN/data/eval-5003"
     [ -f "$CONFIRM/records.jsonl" ] || llavao1-data shapes --out "$CONFIRM" --n 1500 --seed 5003 --split eval --kinds cot -q
@@ -76,6 +76,10 @@ if [ "${BENCH_CONFIRM:-1}" != 0 ]; then
             --data "$CONFIRM/records.jsonl" --search "$s" --threads 2 --json -q
         [ "$s" = greedy ] || once "${f%.json}_vs_greedy.txt" llavao1-bench compare "$OUT/confirm/accuracy_greedy.json" "$f"
     done
+    # the quantization sweep's text models on these questions too (~12 minutes): on 500, 2 points is within chance
+    [ -f "$OUT/confirm/quant/results.json" ] || llavao1-bench sweep --data "$CONFIRM/records.jsonl" \
+        --gguf "$G/final-f16.gguf" --mmproj "$G/mmproj-final-f16.gguf" --quants F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K \
+        --mmproj-quants F16 --search greedy --threads 2 --out "$OUT/confirm/quant" -q
 fi
 cp "$G/verify.txt" "$OUT/verify.txt"
 cp "$RUN/train-structured/log.jsonl" "$OUT/train_log.jsonl"

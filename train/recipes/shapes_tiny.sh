@@ -158,7 +158,7 @@ if [ "${SHAPES_SHIP:-0}" = 1 ] && [ "$VARIANT" = structured ]; then  # install i
     DEST="$(dirname "$0")/../../llavao1_edge/models/shapes-tiny"
     mkdir -p "$DEST"
     # SHAPES_SHIP_QUANT: the text model's type, picked from the benchmark's quantization sweep (README Results)
-    QUANT=${SHAPES_SHIP_QUANT:-Q6_K}
+    QUANT=${SHAPES_SHIP_QUANT:-Q4_K_M}
     rm -f "$DEST"/shapes-tiny-Q*.gguf  # one quantized text model: the runtime picks the file that is not F16
     cp "$GGUF/final-f16.gguf" "$DEST/shapes-tiny-f16.gguf"
     cp "$GGUF/final-$QUANT.gguf" "$DEST/shapes-tiny-$QUANT.gguf"
