@@ -65,6 +65,7 @@ _SEARCH_OPTIONS = {"greedy": ("greedy_candidate", True), "swap": ("judge_both_or
 
 def parse_search(spec: str) -> SearchConfig:
     """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob', 'stage:4+greedy+swap' -> a SearchConfig.
+    The selector defaults to judge (the paper's), not to the runtime's default (logprob).
     Suffixes: +greedy (candidate 1 decoded greedily), +swap (the judge asked both orders), +nocheck (no
     correctness check of REASONING candidates before their knockout)."""
     base, *options = spec.strip().split("+")
@@ -72,7 +73,8 @@ def parse_search(spec: str) -> SearchConfig:
     strategy = parts[0]
     if strategy not in STRATEGIES:
         raise BenchError(f"search setting {spec!r}: strategy must be one of {', '.join(STRATEGIES)}")
-    cfg = SearchConfig(strategy=strategy, candidates=1 if strategy == "greedy" else 4)
+    # a spec without a selector names the paper's method (the judge), whatever the runtime's default
+    cfg = SearchConfig(strategy=strategy, candidates=1 if strategy == "greedy" else 4, selector="judge")
     if len(parts) > 1:
         if not parts[1].isdigit() or int(parts[1]) < 1:
             raise BenchError(f"search setting {spec!r}: the candidate count must be a positive integer")

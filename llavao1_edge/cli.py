@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "best-of-n: N whole answers; sentence: sentence-level beam search")
     r.add_argument("--candidates", "-n", type=int, default=d.candidates, help="N candidates (default %(default)s)")
     r.add_argument("--selector", choices=SELECTORS, default=d.selector,
-                   help="judge: the model judges pairs (default); logprob: mean token log-probability; "
-                   "vote: majority over conclusions")
+                   help="logprob: mean token log-probability (default: the best measured on the shipped model); "
+                   "judge: the model judges pairs (the paper's); vote: majority over conclusions")
     r.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default %(default)s)")
     r.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling (default %(default)s)")
     r.add_argument("--greedy-candidate", action="store_true",

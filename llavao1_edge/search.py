@@ -46,7 +46,8 @@ _SENTENCE_END = re.compile(r"[.!?](?:\s|$)|\n")
 class SearchConfig:
     strategy: str = "stage"  # greedy | stage | best-of-n | sentence
     candidates: int = 4  # N: samples per stage (stage), answers (best-of-n), sentences (sentence)
-    selector: str = "judge"  # judge | logprob | vote
+    # logprob by default: on the shipped model the paper's judge picks below greedy, logprob above (README Results)
+    selector: str = "logprob"  # judge | logprob | vote
     temperature: float = 0.6  # candidate sampling (the paper's setting)
     top_p: float = 0.9
     greedy_candidate: bool = False  # candidate 0 decodes greedily: the selector can always keep greedy's text

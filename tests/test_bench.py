@@ -218,6 +218,8 @@ def test_sweep_validates_before_work(trained, tmp_path, capsys):
 
 def test_search_specs_and_stats():
     assert parse_search("stage:4").candidates == 4
+    # a spec names the paper's method unless it says otherwise; the runtime's own default is logprob
+    assert parse_search("stage:4").selector == "judge" and SearchConfig().selector == "logprob"
     assert parse_search("best-of-n:3:vote").selector == "vote"
     assert parse_search("greedy").strategy == "greedy"
     anchored = parse_search("stage:4:logprob+greedy")

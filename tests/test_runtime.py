@@ -58,8 +58,9 @@ def test_greedy_candidate_is_greedy_decoding(reasoner, questions):
 
 def test_judging_both_orders_asks_every_pair_swapped(reasoner, questions):
     image, q, _ = questions[0]
-    one = reasoner.ask(image, q, strategy="best-of-n", candidates=4, temperature=1.5, seed=3)
-    both = reasoner.ask(image, q, strategy="best-of-n", candidates=4, temperature=1.5, seed=3, judge_both_orders=True)
+    one = reasoner.ask(image, q, strategy="best-of-n", candidates=4, temperature=1.5, seed=3, selector="judge")
+    both = reasoner.ask(image, q, strategy="best-of-n", candidates=4, temperature=1.5, seed=3, selector="judge",
+                        judge_both_orders=True)
     assert [c.text for c in one.steps[0].candidates] == [c.text for c in both.steps[0].candidates]
     judged = both.steps[0].judgements
     assert judged and all(" | swapped: " in j.verdict and j.winner in (j.first, j.second) for j in judged)
@@ -120,7 +121,7 @@ def test_follow_up_question_reuses_the_prompt_prefix_after_a_search(trained, que
     other = "How many objects are there?"
     opts = dict(n_threads=2, kv_f32=True, flash_attn=False)
     with api.Reasoner(trained.gguf, trained.mmproj, **opts) as r:
-        r.ask(image, q, strategy="stage", candidates=2)  # leaves generated text and judge prompts behind
+        r.ask(image, q, strategy="stage", candidates=2, selector="judge")  # leaves generated text and judge prompts behind
         events = list(r.stream(image, other, strategy="greedy"))
         again = list(r.stream(image, other, strategy="greedy"))
     ready = next(ev for ev in events if ev.kind == "prompt_ready").data
@@ -156,7 +157,7 @@ def test_preprocessing_equals_mtmd_for_any_aspect_ratio(trained):
 
 def test_stream_events_reassemble_into_the_result(reasoner, questions):
     image, q, _ = questions[2]
-    events = list(reasoner.stream(image, q, strategy="stage", candidates=3, seed=5))
+    events = list(reasoner.stream(image, q, strategy="stage", candidates=3, selector="judge", seed=5))
     result = events[-1].data["result"]
     assert events[-1].kind == "done"
     tokens: dict = {}
@@ -178,7 +179,7 @@ def test_stream_events_reassemble_into_the_result(reasoner, questions):
 
 def test_stage_search_judges_and_records_everything(reasoner, questions):
     image, q, _ = questions[0]
-    r = reasoner.ask(image, q, strategy="stage", candidates=4, seed=1)
+    r = reasoner.ask(image, q, strategy="stage", candidates=4, selector="judge", seed=1)
     assert [s.unit for s in r.steps][:4] == list(STAGE_NAMES)
     assert all(len(s.candidates) == 4 for s in r.steps[:4])
     made = [j for s in r.steps for j in s.judgements]
@@ -473,7 +474,7 @@ def test_judge_batches_fit_the_kv_cache_and_give_the_verdicts_of_a_large_one():
 
     examples = MODELS_DIR.parent / "examples"
     recs = [r for r in read_records(examples / "questions.jsonl")][2:4]  # walk-length reasoning stages
-    settings = dict(strategy="stage", candidates=4, judge_both_orders=True, greedy_candidate=True, seed=1)
+    settings = dict(strategy="stage", candidates=4, selector="judge", judge_both_orders=True, greedy_candidate=True, seed=1)
 
     def run(n_ctx):
         with api.Reasoner(n_threads=2, n_ctx=n_ctx, kv_f32=True, flash_attn=False) as r:
