@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from llavao1_edge.answers import is_correct
 from llavao1_edge.stages import parse_answer
-from llavao1_train.shapes.questions import caption_check, reasoning_check
+from llavao1_train.shapes.questions import caption_check, option_walk_check, reasoning_check
 
 from .common import BenchItem, wilson_interval
 
@@ -45,6 +45,7 @@ class AccuracyReport:
     reasoning_checks: dict[str, int] = field(default_factory=dict)  # the judge's check of REASONING candidates
     questions_sha256: str = ""  # which questions, in order: `llavao1-bench compare` pairs only reports that match
     caption_search: dict[str, int] = field(default_factory=dict)  # CAPTION candidates vs the scene: does the judge see?
+    option_steps: dict[str, int] = field(default_factory=dict)  # multiple-choice option walks vs the question's options
 
     @property
     def accuracy(self) -> float:
@@ -57,7 +58,8 @@ class AccuracyReport:
                 "mean_answer_s": self.mean_answer_s, "judge_picks": self.judge_picks, "captions": self.captions,
                 "captions_by_objects": {str(k): v for k, v in sorted(self.captions_by_objects.items())},
                 "by_form": self.by_form, "flags": self.flags, "reasoning_checks": self.reasoning_checks,
-                "questions_sha256": self.questions_sha256, "caption_search": self.caption_search}
+                "questions_sha256": self.questions_sha256, "caption_search": self.caption_search,
+                "option_steps": self.option_steps}
 
     def table(self, max_failures: int = 10) -> str:
         lo, hi = wilson_interval(self.correct, self.n)
@@ -79,6 +81,10 @@ class AccuracyReport:
         if checked:  # a check that passes everything costs time and filters nothing
             lines.append(f"  reasoning check: {self.reasoning_checks.get('incorrect', 0)}/{checked} candidates judged "
                          "incorrect")
+        o = self.option_steps
+        if o.get("walks"):  # a walk that writes the answer value where an option's text belongs names the wrong letter
+            lines.append(f"  option step: misquotes an option in {o['misquoted']}/{o['walks']} multiple-choice answers; "
+                         f"{o['lost_by_misquote']} wrong answers had settled on the right value")
         if len(self.by_form) > 1:  # a model that reasons right but cannot name the letter shows here
             lines.append("  by form: " + ", ".join(f"{k} {r / n:.3f} ({r}/{n})" for k, (r, n) in sorted(self.by_form.items())))
         c = self.captions
@@ -120,6 +126,7 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
     by_form: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     flags: dict[str, int] = defaultdict(int)
     caption_search: dict[str, int] = defaultdict(int)
+    option_steps: dict[str, int] = defaultdict(int)
     for item in tqdm(items, desc="accuracy", unit="q", disable=None if progress is None else not progress):
         ans = answer(item)
         spent += ans.seconds
@@ -143,6 +150,11 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
             by_objects[check["objects"]][0] += check["objects_right"]
             by_objects[check["objects"]][1] += 1
         ok = is_correct(got, item.reference, item.choices)
+        walk = option_walk_check(stages.get("reasoning") or "", item.choices) if stages and item.choices else None
+        if walk and walk["lines"]:
+            option_steps["walks"] += 1
+            option_steps["misquoted"] += walk["misquoted"] > 0
+            option_steps["lost_by_misquote"] += not ok and walk["misquoted"] > 0 and walk["letter"] == item.reference
         correct += ok
         cats[item.category][0] += ok
         cats[item.category][1] += 1
@@ -156,7 +168,8 @@ def run_accuracy(items: list[BenchItem], answer: Callable[[BenchItem], Answer], 
               for c, (k, n) in cats.items()}
     return AccuracyReport(len(items), correct, by_cat, failures, time.perf_counter() - t0,
                           spent / max(1, len(items)), picks, dict(captions), dict(by_objects),
-                          dict(by_form), dict(flags), dict(checks), questions_fingerprint(items), dict(caption_search))
+                          dict(by_form), dict(flags), dict(checks), questions_fingerprint(items), dict(caption_search),
+                          dict(option_steps))
 
 
 def _score_caption_step(step: dict, scene: list[dict], counts: dict[str, int]) -> None:

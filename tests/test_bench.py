@@ -5,13 +5,14 @@ from collections import defaultdict
 
 import pytest
 
-from llavao1_bench.accuracy import _score_caption_step
+from llavao1_bench.accuracy import Answer, _score_caption_step, run_accuracy
 from llavao1_bench.cli import main as bench_main
 from llavao1_bench.common import BenchError, load_items, parse_search, search_label, wilson_interval
 from llavao1_bench.compare import compare_reports, load_accuracy, mcnemar_exact
 from llavao1_bench.paper_search import PaperStyleSearch
 from llavao1_bench.plots import pareto_front
 from llavao1_edge.api import Reasoner
+from llavao1_edge.records import read_records
 from llavao1_edge.search import SearchConfig
 from llavao1_train.shapes import ShapesConfig, write_dataset
 
@@ -82,6 +83,29 @@ def test_caption_selection_is_scored_against_the_scene():
     _score_caption_step(step, scene, counts)
     assert dict(counts) == {"steps": 1, "candidates": 4, "candidates_right": 1, "any_right": 1, "chosen_right": 0,
                             "decisive_pairs": 1, "judge_right": 0}  # only (0, 1) had a right caption, and lost it
+
+
+def test_accuracy_counts_answers_lost_to_a_misquoted_option(tmp_path):
+    write_dataset(ShapesConfig(n=40, seed=3, split="eval", kinds=("cot",), mc_fraction=1.0, mc_step="check",
+                               families=("attribute", "spatial")), tmp_path, progress=False)
+    gold = {r.id: r.answer for r in read_records(tmp_path / "records.jsonl")}
+    items = load_items(tmp_path / "records.jsonl")
+    lost = {it.id for it in items if it.choices and it.reference != "A"}
+    assert len(lost) >= 10
+
+    def answer(item):  # the reference answer; where it is not A, the walk writes the value in option A's place
+        text = gold[item.id]
+        if item.id in lost:
+            value = item.choices[item.reference]
+            walk = text[text.index("Checking the options:"):text.index("</REASONING>")]
+            text = text.replace(walk, f"Checking the options:\nA. {value} is {value}\nThe answer is option A. ")
+            text = text.replace(f"<CONCLUSION> {item.reference} </CONCLUSION>", "<CONCLUSION> A </CONCLUSION>")
+        return Answer(text, 0.0)
+
+    report = run_accuracy(items, answer, progress=False)
+    assert report.correct == len(items) - len(lost)
+    assert report.option_steps == {"walks": len(items), "misquoted": len(lost), "lost_by_misquote": len(lost)}
+    assert f"{len(lost)} wrong answers had settled on the right value" in report.table()
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():

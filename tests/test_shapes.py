@@ -251,6 +251,19 @@ def test_caption_check_reads_the_caption_wording():
     assert caption_check(right.replace("5 objects", "4 objects"), objs)["count_right"] == 0
 
 
+def test_option_walk_check_finds_an_option_misquoted():
+    from llavao1_train.shapes.questions import option_step, option_walk_check
+
+    choices = {"A": "yellow", "B": "blue", "C": "purple", "D": "green"}
+    step, letter = option_step("purple", choices, "check")
+    assert letter == "C" and option_walk_check(step, choices) == {"lines": 3, "misquoted": 0, "value": "purple",
+                                                                  "letter": "C"}
+    # the answer value written where option A's text belongs: the walk stops at A, the letter is wrong
+    short = "Its color is purple. Checking the options:\nA. purple is purple\nThe answer is option A."
+    assert option_walk_check(short, choices) == {"lines": 1, "misquoted": 1, "value": "purple", "letter": "C"}
+    assert option_walk_check("Its color is purple.", choices)["lines"] == 0
+
+
 def test_caption_check_pairs_objects_to_name_what_is_wrong():
     from llavao1_train.shapes.questions import caption_check
 

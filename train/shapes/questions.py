@@ -375,6 +375,21 @@ def option_step(value: str, choices: dict[str, str], mc_step: str) -> tuple[str,
     return MC_STEP_OPENINGS["check"] + "\n" + "\n".join(lines) + "\n" + end, letter or "none"
 
 
+_OPTION_LINE = re.compile(r"^([A-Z])\. (.+?) is (not )?(.+?)$", re.MULTILINE)  # a "check" step's line
+
+
+def option_walk_check(reasoning: str, choices: dict[str, str]) -> dict:
+    """A REASONING's "check" option step against the question's options: how many of its lines misquote
+    their option ("A. purple is purple" where option A is yellow), the value it settled on (its "X. v is v"
+    line) and the letter that value has among the options, i.e. what a walk quoting them right would name."""
+    lines = _OPTION_LINE.findall(reasoning)
+    misquoted = sum(1 for letter, text, _, _ in lines if choices.get(letter) != text)
+    settled = [text for _, text, negated, value in lines if not negated and text == value]
+    value = settled[-1] if settled else None
+    letter = next((k for k, v in choices.items() if v == value), None) if value is not None else None
+    return {"lines": len(lines), "misquoted": misquoted, "value": value, "letter": letter}
+
+
 def render_stages(family: str, spec: dict, scene: Scene, form: str,
                   choices: dict[str, str] | None, mc_step: str = "match",
                   reasoning_style: str = "list") -> tuple[str, dict[str, str]]:
