@@ -7,6 +7,7 @@ examples:
   llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
   llavao1-bench compare greedy.json stage4.json   # which questions stage:4 fixes / breaks, McNemar's exact p
   llavao1-bench colour --model runs/shapes-tiny/train-mix/final --data eval/records.jsonl  # reads colours or copies?
+  llavao1-bench option-copy --data runs/shapes-tiny/data/train-mix/records.jsonl   # copies each option's text?
   llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
       --quants F16,Q8_0,Q4_K_M --search greedy,stage:2 --limit 100 --out sweep/
 
@@ -104,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--limit", type=int, default=150, help="questions to teacher-force (default %(default)s)")
     col.add_argument("--probe-images", type=int, default=1500, help="images for the probe (default %(default)s)")
     col.add_argument("--json", action="store_true", help="print one JSON object")
+
+    oc = sub.add_parser("option-copy", help="can the model copy each option's text into its option walk? "
+                        "(shapes data, --mc-step check)",
+                        description="The probability of option A's first token right after 'Checking the "
+                        "options:\\nA.', grouped by what option A is (a colour, a number, another word): on the "
+                        "text-only option drills of a training set (kind option, teacher-forced) and on the model's "
+                        "own greedy answers to multiple-choice questions, cut where the walk starts.")
+    model_args(oc)
+    oc.add_argument("--data", required=True, help="shapes records.jsonl (training records with option drills, or "
+                    "eval questions)")
+    oc.add_argument("--limit", type=int, default=200, help="records of each source to probe (default %(default)s)")
 
     sw = sub.add_parser("sweep", help="accuracy and latency over quantization types x search settings")
     sw.add_argument("--data", required=True)
@@ -204,6 +216,19 @@ def _run(args) -> int:
         from .colour import measure_colour
 
         report = measure_colour(args.model, args.data, args.limit, args.probe_images)
+        print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+        return 0
+    if args.command == "option-copy":
+        from llavao1_edge.engine import Engine, EngineConfig
+
+        from .option_copy import measure_option_copy
+
+        if args.limit < 1:
+            raise BenchError("--limit must be at least 1")
+        model, mmproj = _model_paths(args)
+        config = EngineConfig(n_ctx=args.ctx, n_threads=args.threads, flash_attn=FLASH_ATTN[args.flash_attn])
+        with Engine(model, mmproj, config) as engine:
+            report = measure_option_copy(engine, args.data, args.limit)
         print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
         return 0
     cfg = parse_search(args.search)

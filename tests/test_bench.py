@@ -108,6 +108,24 @@ def test_accuracy_counts_answers_lost_to_a_misquoted_option(tmp_path):
     assert f"{len(lost)} wrong answers had settled on the right value" in report.table()
 
 
+def test_option_copy_probes_option_a_by_kind(trained, tmp_path, capsys):
+    from llavao1_bench.option_copy import WALK_START, option_kind
+
+    assert (option_kind("purple"), option_kind("3"), option_kind("circle")) == ("colour", "number", "word")
+    write_dataset(ShapesConfig(n=20, seed=4, kinds=("cot", "option"), mc_step="check",
+                               families=("attribute", "count_color")), tmp_path, progress=False)
+    drills = [r for r in read_records(tmp_path / "records.jsonl") if r.meta["kind"] == "option"]
+    assert drills and all(r.answer.startswith(WALK_START) for r in drills)  # what the probe cuts at
+    assert bench_main(["option-copy", *_model_args(trained), "--data", str(tmp_path / "records.jsonl"),
+                       "--limit", "8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    probed = doc["probs"]["drills"]
+    assert sum(len(p) for p in probed.values()) == min(8, len(drills)) and set(probed) <= {"colour", "number", "word"}
+    assert all(0.0 <= x <= 1.0 for p in probed.values() for x in p)
+    assert doc["no_walk"] + sum(len(p) for p in doc["probs"].get("answers", {}).values()) >= 1  # answers were tried
+    assert bench_main(["option-copy", *_model_args(trained), "--data", str(tmp_path / "x.jsonl")]) == 1
+
+
 def test_mcnemar_exact_matches_the_binomial_tail():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # five of five the same way: 2 * 0.5**5
