@@ -63,6 +63,8 @@ def measure_option_copy(engine: Engine, records: str | Path, limit: int = 200) -
     taken: dict[str, int] = defaultdict(int)
     folder = Path(records).parent
     for rec in read_records(records):
+        if min(taken["drills"], taken["answers"]) >= limit:
+            break
         choices = dict(_OPTION.findall(rec.question))
         source = {"option": "drills", "cot": "answers"}.get(rec.meta.get("kind", "cot"))
         if "A" not in choices or source is None or taken[source] >= limit:
