@@ -484,15 +484,16 @@ class Engine:
         t0 = time.perf_counter()
         pending = []
         for prompt, seq in zip(prompts, seqs, strict=True):
+            keys = prompt.keys  # built from the chunks on every access
             # sequence 0 first: where a judge shares no more (the chat header and image), no reason to tie to it
-            shares = {0: _common_prefix(self._seq0_keys, prompt.keys)}
-            shares.update((s, _common_prefix(k, prompt.keys)) for s, k in held.items())
+            shares = {0: _common_prefix(self._seq0_keys, keys)}
+            shares.update((s, _common_prefix(k, keys)) for s, k in held.items())
             src = max(shares, key=shares.__getitem__)  # the first of the largest: ties stay with sequence 0
             shared_end, todo = self._plan(prompt, shares[src])
             self.drop(seq)
             if shared_end:
                 self._L.llama_memory_seq_cp(self._mem, src, seq, 0, shared_end)
-            stats.tokens_reused += len(prompt.keys) - sum(len(c.keys) - keep for c, keep, _ in todo)
+            stats.tokens_reused += len(keys) - sum(len(c.keys) - keep for c, keep, _ in todo)
             pending.append(self._decode_todo(seq, todo, stats, last_batched=True))
         pending = self._share_common_text(pending, stats)
         logits = self.decode_many(pending)

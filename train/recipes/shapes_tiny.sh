@@ -101,6 +101,8 @@ shapes() { [ -f "$1/records.jsonl" ] || llavao1-data shapes --out "$1" --n "$N" 
     --mc-step "$MC_STEP" "${@:2}"; }
 MAIN_RECORDS=(--judge-fraction 0.1)
 [ "$DRILL" = 0 ] || MAIN_RECORDS+=(--option-fraction "$DRILL")
+MIX_RECORDS=(--judge-fraction 0.1)  # the main stage's, with the mix's own share of option drills
+[ "$DRILL" = 0 ] || MIX_RECORDS+=(--option-fraction "${MIX_DRILL:-$DRILL}")
 # Every step's data first, the data sets made side by side (each is one Python process; the same bytes either way)
 DATA="$RUN/data/train-$VARIANT"
 shapes "$DATA" --kinds "$KINDS" "${MAIN_RECORDS[@]}" -q & JOBS=($!)
@@ -109,7 +111,7 @@ if [ "$CAPTION_STEPS" != 0 ]; then
     # the main stage's records (byte-identical with list reasoning: each kind draws from its own RNG) plus captions
     # and reasoning drills
     MIX_KINDS="$KINDS,caption"; [ "$REASONING_DRILL" = 0 ] || MIX_KINDS="$MIX_KINDS,reasoning"
-    shapes "$RUN/data/train-mix" --kinds "$MIX_KINDS" "${MAIN_RECORDS[@]}" --option-fraction "$MIX_DRILL" --caption-fraction 0.5 \
+    shapes "$RUN/data/train-mix" --kinds "$MIX_KINDS" "${MIX_RECORDS[@]}" --caption-fraction 0.5 \
         --reasoning-fraction "$REASONING_DRILL" --reasoning-style "$MIX_REASONING" -q & JOBS+=($!)
     MIX="$RUN/data/train-mix"
     if [ "$COMPARE_DRILL" != 0 ]; then
