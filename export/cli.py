@@ -6,6 +6,7 @@ examples:
   llavao1-export verify --model runs/tiny/final --gguf models/final-f32.gguf --mmproj models/mmproj-final-f32.gguf
   llavao1-export onnx --model runs/tiny/final --out models/onnx --quant int8
   llavao1-export inspect models/final-Q4_K_M.gguf
+  llavao1-export import models/final-f16.gguf models/mmproj-final-f16.gguf --out runs/from-gguf
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--onnx", help="ONNX folder from `llavao1-export onnx`")
     v.add_argument("--threads", type=int, default=0)
     v.add_argument("--json", action="store_true")
+    m = sub.add_parser("import", help="a GGUF pair written by `gguf` back into a checkpoint to fine-tune",
+                       description="The inverse of `gguf`: F32 comes back exactly, F16/BF16 as the values the "
+                       "file holds, quantized types dequantized (lossy). Then: llavao1-train --model OUT --full ...")
+    m.add_argument("text", help="text model GGUF")
+    m.add_argument("mmproj", help="its projector GGUF")
+    m.add_argument("--out", required=True, help="new checkpoint folder (must not exist, or be empty)")
     i = sub.add_parser("inspect", help="architecture, sizes, tensor types and metadata of a GGUF")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
@@ -73,6 +80,14 @@ def _run(args) -> int:
         from .onnx_export import export_onnx
 
         print(export_onnx(args.model, args.out, args.quant, log=lambda s: print(s, file=sys.stderr)))
+        return 0
+    if args.command == "import":
+        from .gguf_import import import_gguf
+
+        res = import_gguf(args.text, args.mmproj, args.out, log=lambda s: print(s, file=sys.stderr))
+        for note in res.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(res.path)
         return 0
     if args.command == "verify":
         from .verify import verify

@@ -263,3 +263,61 @@ def test_wrong_key_type_in_mmproj_is_caught_before_llama_cpp(make_checkpoint, tm
     write_plan(plan, tmp_path / "bad-mmproj.gguf")
     with pytest.raises(ModelFileError, match="clip.vision.image_size has type INT32, llama.cpp needs UINT32"):
         check_projector(tmp_path / "bad-mmproj.gguf")
+
+
+def _safetensors(folder) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_import_gguf_round_trips_a_trained_model_exactly(trained, tmp_path, capsys):
+    """F32 GGUF -> checkpoint gives back the trained weights bit for bit, a tokenizer that encodes
+    the same ids, and a checkpoint that exports to the same GGUF tensors again and fine-tunes."""
+    from transformers import AutoTokenizer
+
+    from llavao1_export.gguf_import import unpermute_qk
+    from llavao1_train.trainer import TrainConfig, train
+
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)
+    assert np.array_equal(unpermute_qk(permute_qk(w, 4), 4), w)
+    out = tmp_path / "imported"
+    assert export_main(["import", str(trained.gguf), str(trained.mmproj), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    original, back = _safetensors(trained.hf), _safetensors(out)
+    unused = {k for k in original if "post_layernorm" in k}  # never read by LLaVA, not exported
+    assert set(back) - unused == set(original) - unused
+    diffs = {k: float(np.abs(back[k] - original[k]).max()) for k in set(original) - unused}
+    print("max |Δ| per tensor, worst:", max(diffs.values()))
+    assert max(diffs.values()) == 0.0
+    tok_a, tok_b = AutoTokenizer.from_pretrained(trained.hf), AutoTokenizer.from_pretrained(out)
+    texts = [json.loads(line)["conversations"][1]["value"] for line in open(trained.data / "records.jsonl")][:20]
+    texts += ["<|user|>\n<image>\nHow many red circles?<|end|>\n<|assistant|>\n<SUMMARY> ünïcode ✓ </SUMMARY>"]
+    assert [tok_b.encode(t) for t in texts] == [tok_a.encode(t) for t in texts]
+    assert tok_b.chat_template == tok_a.chat_template and tok_b.eos_token == tok_a.eos_token
+    again = convert_to_gguf(out, tmp_path / "again", "f32")
+    for first, second in ((trained.gguf, again.text), (trained.mmproj, again.mmproj)):
+        import gguf
+
+        a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(first)).tensors}
+        b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(second)).tensors}
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    final = train(TrainConfig(data=str(trained.data), out=str(tmp_path / "ft"), model=str(out), full=True,
+                              max_steps=2, lr=1e-4, batch_size=4, max_length=1024, device="cpu", progress=False))
+    assert (final / "model.safetensors").is_file()
+
+
+def test_import_gguf_refusals(trained, tmp_path):
+    from llavao1_export.gguf_import import import_gguf
+
+    with pytest.raises(ModelFileError, match="vision projector"):  # the two files swapped
+        import_gguf(trained.mmproj, trained.gguf, tmp_path / "a")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        import_gguf(trained.gguf, trained.mmproj, busy)
+    q = quantize_gguf(trained.gguf, tmp_path / "q8.gguf", "Q8_0")
+    res = import_gguf(q.path, trained.mmproj, tmp_path / "from-q8")
+    assert res.tensor_types.get("Q8_0") and "dequantized Q8_0" in res.notes[0]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -1,0 +1,236 @@
+"""GGUF text model + mmproj written by `llavao1-export gguf` -> a Hugging Face LLaVA checkpoint again.
+
+The inverse of gguf_convert: what it lets you do is fine-tune a model you only have as GGUF (the
+shipped shapes-tiny, say) with `llavao1-train --model OUT`. F32 files come back bit for bit, F16
+and BF16 as the rounded values they hold; quantized files are dequantized (lossy, said in the
+result). Only our own layout is read back (a llama decoder, a SigLIP-style tower without CLS or
+pre-norm, an mlp projector, a byte-level BPE vocabulary); anything else is an ExportError naming
+the file. The checkpoint is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llavao1_edge import gguf_keys as K
+from llavao1_edge.modelfile import check_model_pair, check_projector
+from llavao1_edge.records import IMAGE_TOKEN
+from llavao1_train.model import ModelSpec, build_model, save_checkpoint
+
+from .checkpoint import ExportError
+
+EXACT_TYPES = ("F32", "F16", "BF16")  # read back as the values the file holds
+
+
+@dataclass
+class ImportResult:
+    path: Path
+    spec: ModelSpec
+    tensor_types: dict[str, int]  # ggml type name -> tensors read
+    notes: list[str] = field(default_factory=list)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """ggml's adjacent-pair RoPE rows -> HF 'rotate half' layout: the inverse of permute_qk."""
+    out_dim, in_dim = w.shape
+    d = out_dim // n_heads
+    return w.reshape(n_heads, d // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def _value(reader, key: str, path: Path, required: bool = True):
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise ExportError(f"{path}: missing key {key}; only files written by llavao1-export gguf can be imported")
+        return None
+    return f.contents()
+
+
+def _tensors(reader, path: Path, types: dict[str, int]) -> dict[str, np.ndarray]:
+    """Every tensor as float32 in Hugging Face's (row-major, out x in) shape."""
+    import gguf
+
+    out = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        types[kind] = types.get(kind, 0) + 1
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists ne0 (the input width) first
+        if kind in ("F32", "F16"):
+            data = np.asarray(t.data, dtype=np.float32)
+        elif kind == "BF16":
+            raw = np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16
+            data = raw.view(np.float32)
+        else:
+            try:
+                data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            except NotImplementedError:
+                raise ExportError(f"{path}: tensor {t.name} is {kind}, which gguf cannot dequantize") from None
+        out[t.name] = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
+    return out
+
+
+def _spec(text_reader, vision_reader, text_path: Path, vision_path: Path, vocab_size: int) -> ModelSpec:
+    arch = _value(text_reader, K.ARCHITECTURE, text_path)
+    if arch != "llama":
+        raise ExportError(f"{text_path}: architecture {arch!r}; only llama decoders can be imported")
+
+    def tv(name):
+        return _value(text_reader, f"{arch}.{name}", text_path)
+
+    def vv(key):
+        return _value(vision_reader, key, vision_path)
+
+    ptype = vv(K.CLIP_PROJECTOR_TYPE)
+    if ptype != "mlp":
+        raise ExportError(f"{vision_path}: projector type {ptype!r}; only the mlp projector can be imported")
+    if not vv(K.CLIP_USE_GELU):
+        raise ExportError(f"{vision_path}: quick-GELU towers (CLIP) cannot be imported; ours use GELU")
+    names = {t.name for t in vision_reader.tensors}
+    extra = sorted(n for n in names if n.startswith(("v.class_embd", "v.pre_ln", "v.post_ln")))
+    if extra:
+        raise ExportError(f"{vision_path}: has {', '.join(extra)}: a CLIP-style tower; only SigLIP-style towers "
+                          "(no class token, no pre-norm) can be imported")
+    if abs(float(vv(K.CLIP_EPS)) - 1e-6) > 1e-12 or abs(float(tv("attention.layer_norm_rms_epsilon")) - 1e-5) > 1e-12:
+        raise ExportError(f"{text_path}: norm epsilons differ from the ones llavao1-train builds (1e-5 text, 1e-6 vision)")
+    blocks = int(vv(K.CLIP_FEATURE_LAYER)[0]) if K.CLIP_FEATURE_LAYER in vision_reader.fields else int(vv(K.CLIP_BLOCKS))
+    n_vision = int(vv(K.CLIP_BLOCKS))
+    return ModelSpec(
+        name=str(_value(text_reader, K.NAME, text_path, required=False) or text_path.stem),
+        image_size=int(vv(K.CLIP_IMAGE_SIZE)), patch_size=int(vv(K.CLIP_PATCH_SIZE)),
+        vision_width=int(vv(K.CLIP_EMBEDDING)), vision_layers=n_vision, vision_heads=int(vv(K.CLIP_HEADS)),
+        vision_ffn=int(vv(K.CLIP_FFN)), text_width=int(tv("embedding_length")), text_layers=int(tv("block_count")),
+        text_heads=int(tv("attention.head_count")),
+        text_kv_heads=int(_value(text_reader, f"{arch}.attention.head_count_kv", text_path, required=False)
+                          or tv("attention.head_count")),
+        text_ffn=int(tv("feed_forward_length")), vocab_size=vocab_size, context_length=int(tv("context_length")),
+        rope_theta=float(_value(text_reader, f"{arch}.rope.freq_base", text_path, required=False) or 10000.0),
+        feature_layer=blocks - n_vision - 1,  # HF counts from the end: all blocks -> -1
+        tie_embeddings="output.weight" not in {t.name for t in text_reader.tensors},
+        image_mean=tuple(float(v) for v in vv(K.CLIP_MEAN)), image_std=tuple(float(v) for v in vv(K.CLIP_STD)),
+    )
+
+
+def rebuild_tokenizer(reader, path: Path):
+    """The byte-level BPE tokenizer a GGUF's vocabulary, merges and token types describe."""
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if _value(reader, "tokenizer.ggml.model", path) != "gpt2":
+        raise ExportError(f"{path}: tokenizer {_value(reader, 'tokenizer.ggml.model', path)!r}; only byte-level "
+                          "BPE (gpt2) vocabularies can be imported")
+    tokens = list(_value(reader, "tokenizer.ggml.tokens", path))
+    types = [int(v) for v in _value(reader, "tokenizer.ggml.token_type", path)]
+    merges = [tuple(m.split(" ", 1)) for m in _value(reader, "tokenizer.ggml.merges", path)]
+    if types.count(int(gguf.TokenType.UNUSED)):
+        raise ExportError(f"{path}: the vocabulary has padding entries; only unpadded vocabularies can be imported")
+    control = [i for i, t in enumerate(types) if t == int(gguf.TokenType.CONTROL)]
+    user = [i for i, t in enumerate(types) if t == int(gguf.TokenType.USER_DEFINED)]
+    # As llavao1-train builds it: specials inside the BPE vocabulary, stage tags appended after it.
+    in_bpe = {tok: i for i, tok in enumerate(tokens) if i not in set(user)}
+    tok = Tokenizer(models.BPE(vocab=in_bpe, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+    for i, text in enumerate(tokens):
+        if tok.token_to_id(text) != i:
+            raise ExportError(f"{path}: token {i} ({text!r}) gets id {tok.token_to_id(text)} when rebuilt; "
+                              "only vocabularies laid out as llavao1-train writes them can be imported")
+
+    def special(key: str) -> str | None:
+        i = _value(reader, f"tokenizer.ggml.{key}", path, required=False)
+        return tokens[int(i)] if i is not None else None
+
+    if IMAGE_TOKEN not in in_bpe:
+        raise ExportError(f"{path}: no {IMAGE_TOKEN} token in the vocabulary")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special("bos_token_id"),
+                                   eos_token=special("eos_token_id"), pad_token=special("padding_token_id"),
+                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
+    fast.chat_template = _value(reader, K.CHAT_TEMPLATE, path, required=False)
+    fast.add_bos_token = bool(_value(reader, "tokenizer.ggml.add_bos_token", path, required=False))
+    return fast
+
+
+def _state_dict(text: dict[str, np.ndarray], vision: dict[str, np.ndarray], spec: ModelSpec,
+                v: str) -> dict[str, np.ndarray]:
+    """GGUF tensor names -> the names LlavaForConditionalGeneration loads (gguf_convert's map, reversed);
+    `v`: the tower's prefix in this transformers version."""
+    sd = {"model.language_model.embed_tokens.weight": text["token_embd.weight"],
+          "model.language_model.norm.weight": text["output_norm.weight"]}
+    if not spec.tie_embeddings:
+        sd["lm_head.weight"] = text["output.weight"]
+    for i in range(spec.text_layers):
+        p, g = f"model.language_model.layers.{i}.", f"blk.{i}."
+        sd[p + "input_layernorm.weight"] = text[g + "attn_norm.weight"]
+        sd[p + "self_attn.q_proj.weight"] = unpermute_qk(text[g + "attn_q.weight"], spec.text_heads)
+        sd[p + "self_attn.k_proj.weight"] = unpermute_qk(text[g + "attn_k.weight"], spec.text_kv_heads)
+        sd[p + "self_attn.v_proj.weight"] = text[g + "attn_v.weight"]
+        sd[p + "self_attn.o_proj.weight"] = text[g + "attn_output.weight"]
+        sd[p + "post_attention_layernorm.weight"] = text[g + "ffn_norm.weight"]
+        for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            sd[p + f"mlp.{hf}.weight"] = text[g + f"{gg}.weight"]
+    sd[v + "embeddings.patch_embedding.weight"] = vision["v.patch_embd.weight"]
+    sd[v + "embeddings.patch_embedding.bias"] = vision["v.patch_embd.bias"]
+    sd[v + "embeddings.position_embedding.weight"] = vision["v.position_embd.weight"]
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+    for i in range(spec.vision_layers):
+        for hf, gg in names.items():
+            for kind in ("weight", "bias"):
+                sd[f"{v}encoder.layers.{i}.{hf}.{kind}"] = vision[f"v.blk.{i}.{gg}.{kind}"]
+    for hf, gg in (("linear_1", "mm.0"), ("linear_2", "mm.2")):
+        for kind in ("weight", "bias"):
+            sd[f"model.multi_modal_projector.{hf}.{kind}"] = vision[f"{gg}.{kind}"]
+    return sd
+
+
+def import_gguf(text_path: str | os.PathLike, mmproj_path: str | os.PathLike, out_dir: str | os.PathLike,
+                log: Callable[[str], None] = lambda s: None) -> ImportResult:
+    """Write a Hugging Face checkpoint folder OUT from a text GGUF and its mmproj."""
+    import torch
+
+    text_path, mmproj_path, out = Path(text_path), Path(mmproj_path), Path(out_dir)
+    text_reader = check_model_pair(text_path, mmproj_path)
+    vision_reader = check_projector(mmproj_path)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out}: exists and is not empty; choose a new folder")
+    tokenizer = rebuild_tokenizer(text_reader, text_path)
+    spec = _spec(text_reader, vision_reader, text_path, mmproj_path, len(tokenizer))
+    types: dict[str, int] = {}
+    model = build_model(spec, tokenizer)
+    own = model.state_dict()
+    v = "model.vision_tower.vision_model."
+    if v + "embeddings.patch_embedding.weight" not in own:
+        v = "model.vision_tower."
+    sd = _state_dict(_tensors(text_reader, text_path, types), _tensors(vision_reader, mmproj_path, types), spec, v)
+    notes = []
+    lossy = sorted(k for k in types if k not in EXACT_TYPES)
+    if lossy:
+        notes.append(f"dequantized {', '.join(lossy)} tensors: the weights are the quantized values, not the originals")
+    missing = [k for k in own if k not in sd and "post_layernorm" not in k]  # HF LLaVA never reads post_layernorm
+    if missing:
+        raise ExportError(f"{text_path}: no tensor for {missing[0]} (and {len(missing) - 1} more)")
+    for k, arr in sd.items():
+        if tuple(own[k].shape) != arr.shape:
+            raise ExportError(f"{text_path}: tensor for {k} is {arr.shape}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict({k: torch.tensor(a) for k, a in sd.items()}, strict=False)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        log(f"writing {out} ({len(sd)} tensors, {sum(types.values())} read: "
+            + ", ".join(f"{n} {k}" for k, n in sorted(types.items())) + ")")
+        save_checkpoint(model, tokenizer, spec, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ImportResult(out, spec, types, notes)
