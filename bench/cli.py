@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="The probability of option A's first token right after 'Checking the "
                         "options:\\nA.', grouped by what option A is (a colour, a number, another word): on the "
                         "text-only option drills of a training set (kind option, teacher-forced) and on the model's "
-                        "own greedy answers to multiple-choice questions, cut where the walk starts.")
+                        "own greedy answers to multiple-choice questions, cut where the walk starts; on the drills also "
+                        "every later line's option (B after '\\nB.', ...).")
     model_args(oc)
     oc.add_argument("--data", required=True, help="shapes records.jsonl (training records with option drills, or "
                     "eval questions)")

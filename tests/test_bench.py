@@ -122,6 +122,10 @@ def test_option_copy_probes_option_a_by_kind(trained, tmp_path, capsys):
     probed = doc["probs"]["drills"]
     assert sum(len(p) for p in probed.values()) == min(8, len(drills)) and set(probed) <= {"colour", "number", "word"}
     assert all(0.0 <= x <= 1.0 for p in probed.values() for x in p)
+    # every line of each drill's walk is probed; line A is the option-A probe itself
+    walk_lines = sum(d.answer.count("\n") - 1 for d in drills[:8])  # "Checking...", lines, "The answer is option X."
+    assert sum(v["n"] for letters in doc["lines"].values() for v in letters.values()) == walk_lines
+    assert {k: v["A"]["n"] for k, v in doc["lines"].items()} == {k: len(p) for k, p in probed.items()}
     assert doc["no_walk"] + sum(len(p) for p in doc["probs"].get("answers", {}).values()) >= 1  # answers were tried
     assert bench_main(["option-copy", *_model_args(trained), "--data", str(tmp_path / "x.jsonl")]) == 1
 
