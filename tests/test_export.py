@@ -321,3 +321,18 @@ def test_import_gguf_refusals(trained, tmp_path):
     res = import_gguf(q.path, trained.mmproj, tmp_path / "from-q8")
     assert res.tensor_types.get("Q8_0") and "dequantized Q8_0" in res.notes[0]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+@pytest.mark.parametrize("outtype,rel", [("f16", 1e-3), ("bf16", 8e-3)])
+def test_import_gguf_reads_half_precision_back(make_checkpoint, tmp_path, outtype, rel):
+    from llavao1_export.gguf_import import import_gguf
+
+    ckpt = make_checkpoint("gqa")
+    res = convert_to_gguf(ckpt, tmp_path / "g", outtype)
+    back = import_gguf(res.text, res.mmproj, tmp_path / "back")
+    assert back.tensor_types.get(outtype.upper()) and back.notes == []  # half types are exact reads, not dequantized
+    original, got = _safetensors(ckpt), _safetensors(tmp_path / "back")
+    worst = max(float(np.abs(got[k] - original[k]).max() / np.abs(original[k]).max())
+                for k in original if "post_layernorm" not in k)
+    print(f"{outtype}: worst max |Δ| / max |w| {worst:.2e}")
+    assert 0 < worst < rel
