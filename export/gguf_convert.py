@@ -28,6 +28,17 @@ OUTTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.Llam
             "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16)}
 
 
+# Hugging Face module -> GGUF tensor name, per block; gguf_import reads them back through the same tables.
+TEXT_BLOCK_TENSORS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                      "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                      "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                      "mlp.down_proj": "ffn_down"}
+VISION_BLOCK_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                        "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+                        "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+PROJECTOR_TENSORS = {"linear_1": "mm.0", "linear_2": "mm.2"}  # gguf's name map would say mm.1
+
+
 @dataclass
 class PlannedFile:
     """What one GGUF file should contain: keys with types, tensors with shapes and types."""
@@ -213,17 +224,11 @@ def plan_text(ckpt: Checkpoint, outtype: str) -> PlannedFile:
     tied = ckpt.config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
     if not tied and "lm_head.weight" in t:
         add("output.weight", t["lm_head.weight"])
+    heads = {"attn_q": n_head, "attn_k": n_kv}  # RoPE rows permuted per head
     for i in range(n_layers):
-        p = f"model.language_model.layers.{i}."
-        add(f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"])
-        add(f"blk.{i}.attn_q.weight", permute_qk(t[p + "self_attn.q_proj.weight"], n_head))
-        add(f"blk.{i}.attn_k.weight", permute_qk(t[p + "self_attn.k_proj.weight"], n_kv))
-        add(f"blk.{i}.attn_v.weight", t[p + "self_attn.v_proj.weight"])
-        add(f"blk.{i}.attn_output.weight", t[p + "self_attn.o_proj.weight"])
-        add(f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"])
-        add(f"blk.{i}.ffn_gate.weight", t[p + "mlp.gate_proj.weight"])
-        add(f"blk.{i}.ffn_up.weight", t[p + "mlp.up_proj.weight"])
-        add(f"blk.{i}.ffn_down.weight", t[p + "mlp.down_proj.weight"])
+        for hf, gg in TEXT_BLOCK_TENSORS.items():
+            w = t[f"model.language_model.layers.{i}.{hf}.weight"]
+            add(f"blk.{i}.{gg}.weight", permute_qk(w, heads[gg]) if gg in heads else w)
     return plan
 
 
@@ -286,14 +291,11 @@ def plan_mmproj(ckpt: Checkpoint, outtype: str) -> PlannedFile:
     add("v.class_embd", v + "embeddings.class_embedding", required=False)
     add("v.pre_ln.weight", v + "pre_layrnorm.weight", required=False)
     add("v.pre_ln.bias", v + "pre_layrnorm.bias", required=False)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
-             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
     for i in range(n_layers):
-        for hf, gg in names.items():
+        for hf, gg in VISION_BLOCK_TENSORS.items():
             for kind in ("weight", "bias"):
                 add(f"v.blk.{i}.{gg}.{kind}", f"{v}encoder.layers.{i}.{hf}.{kind}")
-    for hf, gg in (("linear_1", "mm.0"), ("linear_2", "mm.2")):  # gguf's name map would say mm.1
+    for hf, gg in PROJECTOR_TENSORS.items():
         for kind in ("weight", "bias"):
             add(f"{gg}.{kind}", f"model.multi_modal_projector.{hf}.{kind}")
     return plan

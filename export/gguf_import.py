@@ -24,6 +24,7 @@ from llavao1_edge.records import IMAGE_TOKEN
 from llavao1_train.model import ModelSpec, build_model, save_checkpoint
 
 from .checkpoint import ExportError
+from .gguf_convert import PROJECTOR_TENSORS, TEXT_BLOCK_TENSORS, VISION_BLOCK_TENSORS
 
 EXACT_TYPES = ("F32", "F16", "BF16")  # read back as the values the file holds
 
@@ -166,27 +167,19 @@ def _state_dict(text: dict[str, np.ndarray], vision: dict[str, np.ndarray], spec
           "model.language_model.norm.weight": text["output_norm.weight"]}
     if not spec.tie_embeddings:
         sd["lm_head.weight"] = text["output.weight"]
+    heads = {"attn_q": spec.text_heads, "attn_k": spec.text_kv_heads}
     for i in range(spec.text_layers):
-        p, g = f"model.language_model.layers.{i}.", f"blk.{i}."
-        sd[p + "input_layernorm.weight"] = text[g + "attn_norm.weight"]
-        sd[p + "self_attn.q_proj.weight"] = unpermute_qk(text[g + "attn_q.weight"], spec.text_heads)
-        sd[p + "self_attn.k_proj.weight"] = unpermute_qk(text[g + "attn_k.weight"], spec.text_kv_heads)
-        sd[p + "self_attn.v_proj.weight"] = text[g + "attn_v.weight"]
-        sd[p + "self_attn.o_proj.weight"] = text[g + "attn_output.weight"]
-        sd[p + "post_attention_layernorm.weight"] = text[g + "ffn_norm.weight"]
-        for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-            sd[p + f"mlp.{hf}.weight"] = text[g + f"{gg}.weight"]
+        for hf, gg in TEXT_BLOCK_TENSORS.items():
+            w = text[f"blk.{i}.{gg}.weight"]
+            sd[f"model.language_model.layers.{i}.{hf}.weight"] = unpermute_qk(w, heads[gg]) if gg in heads else w
     sd[v + "embeddings.patch_embedding.weight"] = vision["v.patch_embd.weight"]
     sd[v + "embeddings.patch_embedding.bias"] = vision["v.patch_embd.bias"]
     sd[v + "embeddings.position_embedding.weight"] = vision["v.position_embd.weight"]
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
-             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
     for i in range(spec.vision_layers):
-        for hf, gg in names.items():
+        for hf, gg in VISION_BLOCK_TENSORS.items():
             for kind in ("weight", "bias"):
                 sd[f"{v}encoder.layers.{i}.{hf}.{kind}"] = vision[f"v.blk.{i}.{gg}.{kind}"]
-    for hf, gg in (("linear_1", "mm.0"), ("linear_2", "mm.2")):
+    for hf, gg in PROJECTOR_TENSORS.items():
         for kind in ("weight", "bias"):
             sd[f"model.multi_modal_projector.{hf}.{kind}"] = vision[f"{gg}.{kind}"]
     return sd
