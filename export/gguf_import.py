@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llavao1_edge import gguf_keys as K
-from llavao1_edge.modelfile import check_model_pair, check_projector
+from llavao1_edge.modelfile import ModelFileError, check_model_pair, check_projector
 from llavao1_edge.records import IMAGE_TOKEN
 from llavao1_train.model import ModelSpec, build_model, save_checkpoint
 
@@ -191,7 +191,12 @@ def import_gguf(text_path: str | os.PathLike, mmproj_path: str | os.PathLike, ou
     import torch
 
     text_path, mmproj_path, out = Path(text_path), Path(mmproj_path), Path(out_dir)
-    text_reader = check_model_pair(text_path, mmproj_path)
+    try:
+        text_reader = check_model_pair(text_path, mmproj_path)
+    except ModelFileError as e:
+        if "vision projector" in str(e) and "not a text model" in str(e):  # the runtime's hint names --mmproj
+            raise ExportError(f"{text_path}: is a projector (mmproj); give the text model first, then its mmproj") from None
+        raise
     vision_reader = check_projector(mmproj_path)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; choose a new folder")

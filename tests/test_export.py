@@ -310,7 +310,7 @@ def test_import_gguf_round_trips_a_trained_model_exactly(trained, tmp_path, caps
 def test_import_gguf_refusals(trained, tmp_path):
     from llavao1_export.gguf_import import import_gguf
 
-    with pytest.raises(ModelFileError, match="vision projector"):  # the two files swapped
+    with pytest.raises(ExportError, match="give the text model first"):  # the two files swapped
         import_gguf(trained.mmproj, trained.gguf, tmp_path / "a")
     busy = tmp_path / "busy"
     busy.mkdir()
