@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llavao1_edge import gguf_keys as K
-from llavao1_edge.modelfile import ModelFileError, check_model_pair, check_projector
+from llavao1_edge.modelfile import ModelFileError, check_projector, check_text_model, text_width
 from llavao1_edge.records import IMAGE_TOKEN
 from llavao1_train.model import ModelSpec, build_model, save_checkpoint
 
@@ -192,12 +192,12 @@ def import_gguf(text_path: str | os.PathLike, mmproj_path: str | os.PathLike, ou
 
     text_path, mmproj_path, out = Path(text_path), Path(mmproj_path), Path(out_dir)
     try:
-        text_reader = check_model_pair(text_path, mmproj_path)
+        text_reader = check_text_model(text_path)
     except ModelFileError as e:
-        if "vision projector" in str(e) and "not a text model" in str(e):  # the runtime's hint names --mmproj
+        if "not a text model" in str(e):  # the runtime's hint names --mmproj, which this command does not have
             raise ExportError(f"{text_path}: is a projector (mmproj); give the text model first, then its mmproj") from None
         raise
-    vision_reader = check_projector(mmproj_path)
+    vision_reader = check_projector(mmproj_path, text_width(text_reader))  # each file read and checked once
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; choose a new folder")
     tokenizer = rebuild_tokenizer(text_reader, text_path)
