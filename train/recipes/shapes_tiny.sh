@@ -63,6 +63,12 @@ else
     # from the families whose walk checks a colour or a size (llavao1-data merge): the mix alone teaches the walk
     # and the shape checks but leaves the colour and size checks at the base rate (README); 0: none.
     COMPARE_DRILL=${SHAPES_COMPARE_DRILL:-12000}
+    # SHAPES_COLOUR_DRILL_STEPS=N then trains N steps on 8,000 text-only option drills of their own (seed 13) from
+    # the attribute and spatial families, and SHAPES_REPAIR_STEPS more steps on the mix: the walk writes the
+    # answer's colour on every option line instead of the option's (README Experiments); 900 steps teach every line,
+    # the repair undoes what they break in the summaries. 0: neither.
+    COLOUR_DRILL_STEPS=${SHAPES_COLOUR_DRILL_STEPS:-0}
+    REPAIR_STEPS=${SHAPES_REPAIR_STEPS:-750}
 fi
 if [ "$VARIANT" = direct ]; then
     # 2,520 steps of 16 = 2.52 passes over its 16,000 records, as the first recipe's 4,000 structured steps
@@ -120,6 +126,11 @@ if [ "$CAPTION_STEPS" != 0 ]; then
             --kinds reasoning --reasoning-fraction 1 --families count_color,compare,arithmetic,attribute,count_color_shape \
             --caption-order "$CAPTION_ORDER" --mc-step "$MC_STEP" --reasoning-style "$MIX_REASONING" -q & JOBS+=($!)
     fi
+    if [ "${COLOUR_DRILL_STEPS:-0}" != 0 ]; then
+        [ -f "$RUN/data/train-colour-drills/records.jsonl" ] || llavao1-data shapes --out "$RUN/data/train-colour-drills" \
+            --n 8000 --seed 13 --kinds option --option-fraction 1 --families attribute,spatial \
+            --caption-order "$CAPTION_ORDER" --mc-step "$MC_STEP" -q & JOBS+=($!)
+    fi
 fi
 for job in "${JOBS[@]}"; do wait "$job"; done  # a failed data set stops the recipe here
 if [ "$CAPTION_STEPS" != 0 ] && [ "$COMPARE_DRILL" != 0 ]; then
@@ -148,6 +159,13 @@ if [ "$CAPTION_STEPS" != 0 ]; then
     finetune "$RUN/train-captions/final" "$MIX" "$RUN/train-mix" "$MIX_STEPS" "$MIX_SPLIT"
     stamp "mix fine-tune done: $RUN/train-mix"
     FINAL="$RUN/train-mix/final"
+    if [ "${COLOUR_DRILL_STEPS:-0}" != 0 ]; then
+        finetune "$FINAL" "$RUN/data/train-colour-drills" "$RUN/train-colour-drills" "$COLOUR_DRILL_STEPS" "$MIX_SPLIT"
+        stamp "colour drills done: $RUN/train-colour-drills"
+        finetune "$RUN/train-colour-drills/final" "$MIX" "$RUN/train-repair" "$REPAIR_STEPS" "$MIX_SPLIT"
+        stamp "repair fine-tune done: $RUN/train-repair"
+        FINAL="$RUN/train-repair/final"
+    fi
 fi
 GGUF="$RUN/gguf-$VARIANT"
 llavao1-export gguf --model "$FINAL" --out "$GGUF" --outtype f32
