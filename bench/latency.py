@@ -35,6 +35,12 @@ class LatencyReport:
             return {}
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
+    def judge_prompt_tokens(self) -> dict:
+        """Median judge prompt tokens evaluated per question, by what was judged (a stage, "check", "answer")."""
+        units = sorted({k.removeprefix("judge_prompt_") for r in self.runs for k in r.get("tokens", {})
+                        if k.startswith("judge_prompt_")})
+        return {u: statistics.median(r["tokens"].get(f"judge_prompt_{u}", 0) for r in self.runs) for u in units}
+
     def to_json(self) -> dict:
         keys = ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "decode_s", "judge_s", "total_s",
                 "cached_ttft_s", "cached_ttft_ratio")
@@ -43,6 +49,8 @@ class LatencyReport:
         for key in ("greedy_total_s", "x_greedy"):  # with compare_greedy only
             if s := self.stat(key):
                 out[key] = s
+        if judged := self.judge_prompt_tokens():
+            out["judge_prompt_tokens"] = judged
         out["runs"] = self.runs
         if self.reference_runs:
             ref = statistics.median(self.reference_runs)
@@ -59,6 +67,9 @@ class LatencyReport:
             s = d.get(key)
             if s:
                 lines.append(f"  {key:<18} median {s['median']:.4g} {unit}  (min {s['min']:.4g}, max {s['max']:.4g})")
+        if judged := d.get("judge_prompt_tokens"):
+            lines.append("  judge prompt tokens, median per question: "
+                         + ", ".join(f"{u} {v:.0f}" for u, v in judged.items()))
         if "x_greedy" in d:
             lines.append(f"  greedy total       median {d['greedy_total_s']['median']:.4g} s -> "
                          f"x greedy (paired) {d['x_greedy']['median']:.2f}  (min {d['x_greedy']['min']:.2f}, "

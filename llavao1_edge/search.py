@@ -345,7 +345,7 @@ class _Search:
         asked = pairs + ([(b, a) for a, b in pairs] if self.cfg.judge_both_orders else [])
         prompts = [self._prompt(pairwise_prompt(unit, self.question, cands[a].unit_text, cands[b].unit_text,
                                                 context), with_image=True) for a, b in asked]
-        verdicts = yield from self._ask_judge(prompts)
+        verdicts = yield from self._ask_judge(prompts, unit)
 
         def likelier(a: int, b: int) -> int:
             return max((a, b), key=lambda i: cands[i].mean_logprob)
@@ -375,7 +375,7 @@ class _Search:
         caption = context.get("caption", "")
         prompts = [self._prompt(reasoning_check_prompt(self.question, caption, c.unit_text), with_image=False)
                    for c in cands]
-        verdicts = yield from self._ask_judge(prompts)
+        verdicts = yield from self._ask_judge(prompts, "check")
         for c, v in zip(cands, verdicts, strict=True):
             c.check = None if v is None else parse_reasoning_check(v)
         return [c.check for c in cands]
@@ -399,9 +399,10 @@ class _Search:
             cells += need
         return [g for g in groups if g], left_out
 
-    def _ask_judge(self, prompts: list[Prompt]) -> Iterator[Event]:
+    def _ask_judge(self, prompts: list[Prompt], unit: str) -> Iterator[Event]:
         """Evaluate judge prompts in parallel sequences (sharing the image prefix) and decode verdicts;
-        None for a prompt that does not fit in the KV cache beside the candidates."""
+        None for a prompt that does not fit in the KV cache beside the candidates. `unit` (the stage
+        judged, or "check") labels the prompt tokens: tokens["judge_prompt_" + unit]."""
         verdicts: list[str | None] = [None] * len(prompts)
         first = self._n_live + 1  # sequences 1..n hold the candidates until one is adopted
         if self.e.config.n_seq_max - first < 1:
@@ -423,6 +424,7 @@ class _Search:
                 seqs = free()[:len(group)]
                 states, stats = self.e.eval_forked([prompts[i] for i in group], seqs, self._judges_held)
                 self.tokens["judge_prompt"] += stats.tokens_evaluated
+                self.tokens[f"judge_prompt_{unit}"] += stats.tokens_evaluated
                 self.timings["image_encode_s"] = self.timings.get("image_encode_s", 0.0) + stats.image_encode_s
                 cands, _ = yield from self._generate(states, self.cfg.judge_temperature, "verdict",
                                                      self.cfg.max_judge_tokens, None, ("judge", group[0]),

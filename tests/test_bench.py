@@ -1,6 +1,7 @@
 """Bench commands on the tiny trained model: accuracy (JSONL and TSV), latency, paper baseline, sweep."""
 
 import json
+import statistics
 from collections import defaultdict
 
 import pytest
@@ -214,6 +215,8 @@ def test_latency_with_reference(trained, capsys):
     ratios = sorted(run["total_s"] / run["greedy_total_s"] for run in doc["runs"])  # paired, run by run
     assert doc["x_greedy"]["min"] == pytest.approx(ratios[0]) and doc["x_greedy"]["max"] == pytest.approx(ratios[-1])
     assert doc["x_greedy"]["median"] > 1.0  # two candidates and their judging cost more than one greedy answer
+    for unit, median in doc.get("judge_prompt_tokens", {}).items():  # where the judge's prefill goes
+        assert median == statistics.median(run["tokens"].get(f"judge_prompt_{unit}", 0) for run in doc["runs"])
 
 
 def test_paper_style_baseline_call_count(trained):

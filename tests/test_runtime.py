@@ -65,6 +65,7 @@ def test_judging_both_orders_asks_every_pair_swapped(reasoner, questions):
     judged = both.steps[0].judgements
     assert judged and all(" | swapped: " in j.verdict and j.winner in (j.first, j.second) for j in judged)
     assert both.tokens["judge_prompt"] > 1.5 * one.tokens["judge_prompt"]  # twice the prompts, shared preamble
+    assert one.tokens["judge_prompt_answer"] == one.tokens["judge_prompt"] > 0  # best-of-N judges whole answers
     for j in judged:  # a verdict that holds in both orders stands; a split one goes to the likelier candidate
         first, swapped = (parse_pairwise_verdict(v) for v in j.verdict.split(" | swapped: "))
         won, won_swapped = (j.first if first == 1 else j.second), (j.second if swapped == 1 else j.first)
@@ -191,6 +192,9 @@ def test_stage_search_judges_and_records_everything(reasoner, questions):
     checked = [c.check for s in r.steps if s.unit == "reasoning" for c in s.candidates if c.check is not None]
     texts = {c.unit_text for s in r.steps if s.unit == "reasoning" for c in s.candidates}
     assert checked or len(texts) == 1  # identical candidates need no judging
+    by_unit = {k.removeprefix("judge_prompt_"): v for k, v in doc["tokens"].items() if k.startswith("judge_prompt_")}
+    assert sum(by_unit.values()) == doc["tokens"].get("judge_prompt", 0)  # every judge prompt token, labelled
+    assert set(by_unit) == {s.unit for s in r.steps if s.judgements} | ({"check"} if checked else set())
 
 
 def test_seeds_make_runs_reproducible(reasoner, questions):

@@ -83,7 +83,7 @@ if [ "${BENCH_CONFIRM:-1}" != 0 ]; then
 fi
 cp "$G/verify.txt" "$OUT/verify.txt"
 cp "$RUN/train-structured/log.jsonl" "$OUT/train_log.jsonl"
-for stage in captions mix; do  # the recipe's fine-tunes after the main stage, when it ran them
+for stage in captions mix colour-drills repair; do  # the recipe's fine-tunes after the main stage, when it ran them
     [ ! -f "$RUN/train-$stage/log.jsonl" ] || cp "$RUN/train-$stage/log.jsonl" "$OUT/train_log_$stage.jsonl"
 done
 if [ -f "$D/verify.txt" ]; then cp "$RUN/train-direct/log.jsonl" "$OUT/train_log_direct.jsonl"; cp "$D/verify.txt" "$OUT/verify_direct.txt"; fi
