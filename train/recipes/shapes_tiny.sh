@@ -126,8 +126,9 @@ if [ "$CAPTION_STEPS" != 0 ]; then
             --kinds reasoning --reasoning-fraction 1 --families count_color,compare,arithmetic,attribute,count_color_shape \
             --caption-order "$CAPTION_ORDER" --mc-step "$MC_STEP" --reasoning-style "$MIX_REASONING" -q & JOBS+=($!)
     fi
-    if [ "${COLOUR_DRILL_STEPS:-0}" != 0 ]; then
-        [ -f "$RUN/data/train-colour-drills/records.jsonl" ] || llavao1-data shapes --out "$RUN/data/train-colour-drills" \
+    COLOUR_DRILLS="$RUN/data/train-colour-drills"
+    if [ "$COLOUR_DRILL_STEPS" != 0 ]; then
+        [ -f "$COLOUR_DRILLS/records.jsonl" ] || llavao1-data shapes --out "$COLOUR_DRILLS" \
             --n 8000 --seed 13 --kinds option --option-fraction 1 --families attribute,spatial \
             --caption-order "$CAPTION_ORDER" --mc-step "$MC_STEP" -q & JOBS+=($!)
     fi
@@ -159,8 +160,8 @@ if [ "$CAPTION_STEPS" != 0 ]; then
     finetune "$RUN/train-captions/final" "$MIX" "$RUN/train-mix" "$MIX_STEPS" "$MIX_SPLIT"
     stamp "mix fine-tune done: $RUN/train-mix"
     FINAL="$RUN/train-mix/final"
-    if [ "${COLOUR_DRILL_STEPS:-0}" != 0 ]; then
-        finetune "$FINAL" "$RUN/data/train-colour-drills" "$RUN/train-colour-drills" "$COLOUR_DRILL_STEPS" "$MIX_SPLIT"
+    if [ "$COLOUR_DRILL_STEPS" != 0 ]; then
+        finetune "$FINAL" "$COLOUR_DRILLS" "$RUN/train-colour-drills" "$COLOUR_DRILL_STEPS" "$MIX_SPLIT"
         stamp "colour drills done: $RUN/train-colour-drills"
         finetune "$RUN/train-colour-drills/final" "$MIX" "$RUN/train-repair" "$REPAIR_STEPS" "$MIX_SPLIT"
         stamp "repair fine-tune done: $RUN/train-repair"
