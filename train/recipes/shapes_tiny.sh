@@ -3,10 +3,10 @@
 #
 #   bash train/recipes/shapes_tiny.sh [RUN_DIR] [structured|direct]
 #
-# structured (default): the four-stage model with judge examples and option drills (the one the package ships;
-# on 2 cores ~11 min of tower pretraining + ~70 min of LLaVA training + ~7 min of caption fine-tuning + ~25 min
-# on the walk-worded mix with its drills + ~4 min of data and export: about 118 min, under the 2-hour budget;
-# README). Each step's time since the start goes to RUN/times.txt.
+# structured (default): the four-stage model with judge examples and option drills (the one the package ships):
+# tower pretraining, LLaVA training, caption fine-tune, the walk-worded mix, colour drills, a repair on the mix,
+# then export; under the 2-hour budget on 2 cores (README Results give each step's time). Each step's time
+# since the start goes to RUN/times.txt.
 # direct: the same questions answered without stages, for the structured-vs-direct comparison.
 # A killed run continues where it stopped when started again (llavao1-train --resume).
 set -euo pipefail
@@ -21,6 +21,7 @@ RECIPE=${SHAPES_RECIPE:-current}
 if [ "$RECIPE" = first ]; then
     MAX_STEPS=${SHAPES_MAX_STEPS:-4000}; VISION_STEPS=${SHAPES_VISION_STEPS:-0}; FREEZE=${SHAPES_FREEZE_VISION:-0}
     MC_STEP=${SHAPES_MC_STEP:-match}; DRILL=${SHAPES_OPTION_DRILL:-0}; CAPTION_STEPS=${SHAPES_CAPTION_STEPS:-0}
+    SPLIT=${SHAPES_LENGTH_SPLIT:-1}
 else
     # Optimizer steps (batch 16): 3,000 = 1.44 passes over the 33,358 records (16,000 questions, judge
     # examples for 10%, option drills for 50%).
@@ -43,8 +44,10 @@ else
     # image." -> the CAPTION stage; nothing to copy a colour from) follow, then SHAPES_MIX_STEPS on the main
     # stage's records plus caption records for half the questions, so the rest is not forgotten; 0: neither.
     CAPTION_STEPS=${SHAPES_CAPTION_STEPS:-750}
-    # 1,500 steps of 16 = 0.39 passes over the mix's 61,470 records (1,000: 0.792 greedy, 1,500: 0.848; README)
+    # 1,500 steps of 16 = 0.39 passes over the mix's 61,470 records; the repair below adds 750 more. From this
+    # recipe's caption model: 1,000 then drills and repair 0.8345 greedy over 2,000 questions, 1,500 0.875 (README).
     MIX_STEPS=${SHAPES_MIX_STEPS:-1500}
+    SPLIT=${SHAPES_LENGTH_SPLIT:-4}  # steps 2-3; see SHAPES_LENGTH_SPLIT below
     # SHAPES_REASONING_DRILL=F adds to that mix a text-only reasoning drill for a share F of the questions
     # (--kinds ...,reasoning): question, SUMMARY and CAPTION given -> REASONING and CONCLUSION, so the reasoning
     # takes its objects from the caption instead of looking again; 0: none.
@@ -67,13 +70,14 @@ else
     # the attribute and spatial families, and SHAPES_REPAIR_STEPS more steps on the mix: the walk writes the
     # answer's colour on every option line instead of the option's (README Experiments); 900 steps teach every line,
     # the repair undoes what they break in the summaries. 0: neither.
-    COLOUR_DRILL_STEPS=${SHAPES_COLOUR_DRILL_STEPS:-0}
+    COLOUR_DRILL_STEPS=${SHAPES_COLOUR_DRILL_STEPS:-900}
     REPAIR_STEPS=${SHAPES_REPAIR_STEPS:-750}
 fi
 if [ "$VARIANT" = direct ]; then
     # 2,520 steps of 16 = 2.52 passes over its 16,000 records, as the first recipe's 4,000 structured steps
     # over 25,426; direct answers have no option step to drill.
     MAX_STEPS=${SHAPES_MAX_STEPS:-2520}; MC_STEP=match; DRILL=0; CAPTION_STEPS=0
+    SPLIT=${SHAPES_LENGTH_SPLIT:-1}  # unsplit, as the measured direct model ran
 fi
 # SHAPES_CAPTION_ORDER=regions lists objects region by region (top left ... bottom right) instead of left to
 # right (llavao1-data shapes --caption-order). Not shipped: better captions, level accuracy (0.442 vs 0.464; README).
@@ -89,11 +93,10 @@ PRECISION=${SHAPES_PRECISION:-fp32}
 # not used for the shipped model (with bf16, 24k questions and 5,000 steps it scored 0.432 vs 0.464; README).
 GROUP=${SHAPES_GROUP_BY_LENGTH:-0}
 # SHAPES_LENGTH_SPLIT=N runs each batch of 16 of the main and caption stages as up to N forward passes of similar
-# length (llavao1-train --length-split): the same examples and gradient to float rounding, less padding;
-# SHAPES_MIX_LENGTH_SPLIT the same for the mix. Float rounding in the main stage is enough to change what the run
-# learns: with 8 everywhere the recipe took 84 min, but its model scored 0.656 greedy (it missed the colour checks;
-# README). The mix is not that sensitive (8 or 1 from the same caption model: 0.792 / 0.802), and 8 halves its time.
-SPLIT=${SHAPES_LENGTH_SPLIT:-1}
+# length (llavao1-train --length-split): the same examples and gradient to float rounding, less padding, ~1.5x
+# faster; SHAPES_MIX_LENGTH_SPLIT the same for the later steps. Float rounding is enough to change what a run learns
+# (split 8 here gives the main-stage model that missed the colour checks on the EPYC: 0.656 greedy; README); 4 for
+# the shipped model (set above; 1 for the first recipe and the direct variant).
 MIX_SPLIT=${SHAPES_MIX_LENGTH_SPLIT:-8}
 SEED=${SHAPES_SEED:-1}         # eval sets use seeds >= 5000, never used for training
 mkdir -p "$RUN"
