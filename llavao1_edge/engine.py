@@ -98,6 +98,17 @@ class ImageChunk:
         return [("image", self.image_key, i) for i in range(self.n_tokens)]
 
 
+@dataclass(frozen=True)
+class RGBImage:
+    """An image decoded once (EXIF applied, RGB) with its cache key, for prompts that reuse it
+    (a search's judge prompts): no second decode or hash."""
+
+    width: int
+    height: int
+    pixels: bytes  # RGB, row-major
+    key: str  # sha256 of the size and pixels
+
+
 @dataclass
 class Prompt:
     chunks: list[TextChunk | ImageChunk]
@@ -291,7 +302,17 @@ class Engine:
 
     # -- prompts with images --------------------------------------------------------------------
 
-    def prepare(self, text: str, image: ImageSource | None = None) -> Prompt:
+    @staticmethod
+    def rgb_image(image: ImageSource | RGBImage) -> RGBImage:
+        """Decode and validate an image once (raises ImageError naming it)."""
+        if isinstance(image, RGBImage):
+            return image
+        img = load_image(image)
+        pixels = np.asarray(img, dtype=np.uint8).tobytes()
+        key = hashlib.sha256(f"{img.width}x{img.height}".encode() + pixels).hexdigest()
+        return RGBImage(img.width, img.height, pixels, key)
+
+    def prepare(self, text: str, image: ImageSource | RGBImage | None = None) -> Prompt:
         """Tokenize a prompt; `text` holds self.marker where the image goes."""
         self._alive()
         if image is None:
@@ -300,11 +321,10 @@ class Engine:
             return Prompt([TextChunk(self.tokenize(text))])
         if not self.has_vision:
             raise ValueError(f"{self.model_path}: no projector (mmproj) loaded, so images cannot be used")
-        img = load_image(image)
-        rgb = np.asarray(img, dtype=np.uint8)
-        key = hashlib.sha256(f"{img.width}x{img.height}".encode() + rgb.tobytes()).hexdigest()
+        img = self.rgb_image(image)
+        key = img.key
         M = self._M
-        bitmap = M.mtmd_bitmap_init(img.width, img.height, (ctypes.c_ubyte * rgb.size).from_buffer_copy(rgb.tobytes()))
+        bitmap = M.mtmd_bitmap_init(img.width, img.height, (ctypes.c_ubyte * len(img.pixels)).from_buffer_copy(img.pixels))
         chunks = M.mtmd_input_chunks_init()
         try:
             data = text.encode("utf-8")

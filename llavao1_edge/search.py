@@ -12,6 +12,7 @@ log-probability) and "vote" (majority over conclusions; earlier stages by logpro
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import threading
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .answers import normalise_text
-from .engine import Engine, Prompt, SeqState
+from .engine import Engine, Prompt, RGBImage, SeqState
 from .images import ImageSource
 from .judge import (
     pairwise_prompt,
@@ -33,7 +34,7 @@ from .judge import (
     reasoning_check_prompt,
 )
 from .prompting import render_user_turn, user_text
-from .sampling import choose
+from .sampling import TokenDistribution
 from .stages import STAGE_BY_NAME, STAGES, ParsedAnswer, StageStreamParser, parse_answer
 
 STRATEGIES = ("greedy", "stage", "best-of-n", "sentence")
@@ -165,15 +166,28 @@ class SearchStopped(Exception):
 _NOT_JUDGED = "(not judged: no room in the KV cache)"
 
 
+def candidate_rng(seed: int, seed_path: tuple, k: int) -> np.random.Generator:
+    """Candidate k's random stream at one step of a search (seed_path: e.g. ("stage", 0)): its own,
+    so a candidate's draws do not depend on how many others there are or when they diverge."""
+    return np.random.default_rng([seed, zlib.crc32(repr(seed_path).encode()), k])
+
+
+@dataclass
+class _TextState:
+    """The streaming text of a candidate: shared by candidates in lockstep (same tokens so far)."""
+
+    parser: StageStreamParser
+    decoder: object  # incremental UTF-8 decoder
+
+
 @dataclass
 class _Live:
-    """A sequence being generated."""
+    """A candidate being generated."""
 
     cand: Candidate
     state: SeqState
     rng: np.random.Generator | None
-    parser: StageStreamParser
-    decoder: object
+    text: _TextState
     done: bool = False
 
 
@@ -201,6 +215,8 @@ class _Search:
         """A one-turn chat prompt (the question, or a judge prompt) through the GGUF's template."""
         marker = self.marker if with_image else None
         rendered = render_user_turn(self.e.chat_template, user_text(text, marker, instruct_format))
+        if marker and not isinstance(self.image, RGBImage):  # decoded once; judge prompts reuse it
+            self.image = self.e.rgb_image(self.image)
         return self.e.prepare(rendered, self.image if marker else None)
 
     def _check(self) -> None:
@@ -219,11 +235,12 @@ class _Search:
         limit = self.e.config.n_ctx - (self.e.config.n_ctx // 4 if judging else 0) - 1  # a quarter stays for judges
         close_tag = STAGE_BY_NAME[unit].close_tag.lower() if mode == "stage" and unit in STAGE_BY_NAME else None
         lives = []
-        stream_id = zlib.crc32(repr(seed_path).encode())  # every (step, candidate) has its own stream
+        shared: dict[int, _TextState] = {}  # starts on one sequence are in lockstep: one text state
         for k, st in enumerate(starts):
             sampled = temperature > 0 and not (k == 0 and self.cfg.greedy_candidate and mode != "verdict")
-            rng = np.random.default_rng([self.cfg.seed, stream_id, k]) if sampled else None
-            lives.append(_Live(Candidate(k, "", [], 0.0, ""), st, rng, StageStreamParser(), Engine.text_decoder()))
+            rng = candidate_rng(self.cfg.seed, seed_path, k) if sampled else None
+            text_state = shared.setdefault(st.seq, _TextState(StageStreamParser(), Engine.text_decoder()))
+            lives.append(_Live(Candidate(k, "", [], 0.0, ""), st, rng, text_state))
         # Candidates that sampled the same tokens so far share one sequence; a new sequence is forked
         # only where they diverge, so a confident model pays for one stream, not N.
         used = {st.seq for st in starts}
@@ -244,59 +261,85 @@ class _Search:
                     groups.setdefault(lv.state.seq, []).append(lv)
             rows: list[tuple[int, int, int, list[_Live]]] = []  # (seq, token, pos, candidates)
             for seq, members in groups.items():
-                by_token: dict[int, list[_Live]] = {}
+                # One row, one distribution: each candidate's draw is then one random number.
+                dist = TokenDistribution(members[0].state.logits, temperature, self.cfg.top_p)
+                branches: dict[int, list[tuple[_Live, float]]] = {}  # token -> [(candidate, logprob)]
                 for lv in members:
-                    tok = yield from self._advance(lv, temperature, mode, budget, unit, close_tag, stream)
-                    if tok is not None:
-                        by_token.setdefault(tok, []).append(lv)
-                for i, (tok, lvs) in enumerate(by_token.items()):
-                    target = seq
-                    if i:  # a divergence: the new branch gets its own sequence sharing the prefix
+                    tok, lp = dist.choose(lv.rng)
+                    branches.setdefault(tok, []).append((lv, lp))
+                # Members of a sequence share one text state; a branch that diverges here gets a copy
+                # of it as it was before this token.
+                before = copy.deepcopy(members[0].text) if len(branches) > 1 else None
+                target = seq  # the first branch that decodes keeps the sequence
+                for i, (tok, drawn) in enumerate(branches.items()):
+                    if i:
+                        text_state = copy.deepcopy(before)
+                        for lv, _ in drawn:
+                            lv.text = text_state
+                    decoded = yield from self._advance(tok, drawn, mode, budget, unit, close_tag, stream)
+                    if not decoded:
+                        continue
+                    if target is None:  # a divergence: the branch gets its own sequence sharing the prefix
                         target = free.pop(0)
                         self.e.fork(seq, target)
-                    rows.append((target, tok, members[0].state.pos, lvs))
+                    rows.append((target, tok, members[0].state.pos, [lv for lv, _ in drawn]))
+                    target = None
             if not rows:
                 break
             logits = self.e.step([(q, tok, pos) for q, tok, pos, _ in rows])
             new_cells += len(rows)
             for (q, _, pos, lvs), lg in zip(rows, logits, strict=True):
+                state = SeqState(q, pos + 1, lg)
                 for lv in lvs:
-                    lv.state = SeqState(q, pos + 1, lg)
+                    lv.state = state
             self.tokens["judge_generated" if mode == "verdict" else "generated"] += len(rows)
             self.tokens["judge_decode_steps" if mode == "verdict" else "decode_steps"] += 1  # llama_decode calls
+        flushed: dict[int, str] = {}  # a shared decoder is flushed once
         for lv in lives:
-            lv.cand.text += lv.decoder.decode(b"", final=True)
+            if id(lv.text) not in flushed:
+                flushed[id(lv.text)] = lv.text.decoder.decode(b"", final=True)
+            lv.cand.text += flushed[id(lv.text)]
         if mode != "verdict":
             self._cells_held = base + new_cells
         return [lv.cand for lv in lives], [lv.state for lv in lives]
 
-    def _advance(self, lv: _Live, temperature: float, mode: str, budget: int, unit: str | None,
+    def _advance(self, tok: int, drawn: list[tuple[_Live, float]], mode: str, budget: int, unit: str | None,
                  close_tag: str | None, stream: bool) -> Iterator[Event]:
-        """Choose one token for a candidate; returns the token to decode, or None (end of text)."""
-        tok, lp = choose(lv.state.logits, lv.rng, temperature, self.cfg.top_p)
+        """Append a token to the candidates that drew it (in lockstep: one text state, fed once);
+        returns whether to decode it (False: end of text)."""
         if self.e.is_eog(tok):
-            lv.done, lv.cand.finish = True, "eos"
-            return None
-        lv.cand.tokens.append(tok)
-        lv.cand.logprob_sum += lp
-        piece = lv.decoder.decode(self.e.piece(tok))
-        lv.cand.text += piece
+            for lv, _ in drawn:
+                lv.done, lv.cand.finish = True, "eos"
+            return False
+        ts = drawn[0][0].text
+        stage = unit or ts.parser.current_stage
+        piece = ts.decoder.decode(self.e.piece(tok))
+        closed = any(ev.kind == "close" for ev in ts.parser.feed(piece))
+        for lv, lp in drawn:
+            lv.cand.tokens.append(tok)
+            lv.cand.logprob_sum += lp
+            lv.cand.text += piece
         if "first_token_s" not in self.timings and mode != "verdict":
             self.timings["first_token_s"] = time.perf_counter() - self.t0
         if stream and piece:
-            yield Event("token", unit or lv.parser.current_stage, lv.cand.index, piece)
-        closed = any(ev.kind == "close" for ev in lv.parser.feed(piece))
+            for lv, _ in drawn:
+                yield Event("token", stage, lv.cand.index, piece)
+        cand = drawn[0][0].cand  # the branch's candidates have the same text and tokens
         if close_tag and not closed:  # a close tag with no open tag still ends the stage
-            closed = close_tag in lv.cand.text[-(len(piece) + len(close_tag)):].lower()
+            closed = close_tag in cand.text[-(len(piece) + len(close_tag)):].lower()
+        finish = None
         if mode == "stage" and closed:
-            lv.done, lv.cand.finish = True, "closed"
-        elif mode == "sentence" and (closed or _SENTENCE_END.search(piece)) and lv.cand.text.strip():
-            lv.done, lv.cand.finish = True, "sentence"
-        elif mode == "verdict" and _VERDICT_DONE.search(lv.cand.text):
-            lv.done, lv.cand.finish = True, "verdict"
-        elif len(lv.cand.tokens) >= budget:
-            lv.done, lv.cand.finish = True, "budget"
-        return tok  # decoded even when done: a chosen candidate continues from here
+            finish = "closed"
+        elif mode == "sentence" and (closed or _SENTENCE_END.search(piece)) and cand.text.strip():
+            finish = "sentence"
+        elif mode == "verdict" and _VERDICT_DONE.search(cand.text):
+            finish = "verdict"
+        elif len(cand.tokens) >= budget:
+            finish = "budget"
+        if finish:
+            for lv, _ in drawn:
+                lv.done, lv.cand.finish = True, finish
+        return True  # decoded even when done: a chosen candidate continues from here
 
     # -- selection -------------------------------------------------------------------------------
 

@@ -498,3 +498,59 @@ def test_judge_batches_fit_the_kv_cache_and_give_the_verdicts_of_a_large_one():
     for s, j in not_judged:
         assert j.winner == max((j.first, j.second), key=lambda i: s.candidates[i].mean_logprob)
         assert not j.parsed
+
+
+def test_candidates_sampled_together_equal_each_sampled_alone(reasoner, questions):
+    """The fast path (candidates share one row, one distribution and one text state while they agree)
+    against the reference: each candidate decoded alone, one token per llama_decode, with its own stream."""
+    from llavao1_edge.prompting import render_user_turn, user_text
+    from llavao1_edge.sampling import choose
+    from llavao1_edge.search import candidate_rng
+
+    image, q, _ = questions[1]
+    cfg = SearchConfig(strategy="stage", candidates=4, selector="logprob", temperature=1.5, seed=3)
+    cands = reasoner.ask(image, q, cfg).steps[0].candidates
+    assert len({tuple(c.tokens) for c in cands}) > 1  # they diverged: rows were forked mid-stage
+    e = reasoner.engine
+    prompt = e.prepare(render_user_turn(e.chat_template, user_text(q, e.marker, False)), image)
+    state, _ = e.eval_prompt(prompt)
+    e.free_prompt(prompt)
+    for c in cands:
+        rng = candidate_rng(cfg.seed, ("stage", 0), c.index)
+        e.drop(1)
+        e.fork(0, 1)
+        logits, tokens, logprob = state.logits, [], 0.0
+        for pos in range(state.pos, state.pos + len(c.tokens)):
+            tok, lp = choose(logits, rng, cfg.temperature, cfg.top_p)
+            tokens.append(tok)
+            logprob += lp
+            logits = e.decode_tokens(1, [tok], pos)
+        assert tokens == c.tokens
+        print(f"candidate {c.index}: {len(tokens)} tokens, |logprob sum - alone| {abs(logprob - c.logprob_sum):.2e}")
+        assert logprob == pytest.approx(c.logprob_sum, abs=1e-3)  # rows batched with others: float rounding only
+        assert c.text == e.detokenize(tokens)  # one text state per branch, fed once per token
+    e.drop(1)
+
+
+def test_token_distribution_draws_equal_a_plain_nucleus_sampler():
+    """The prepared distribution (top-k first, cached nucleus, bisect draws) against the textbook sampler:
+    softmax at the temperature, full sort, smallest set with mass >= top_p, inverse-CDF draw."""
+    from llavao1_edge.sampling import TokenDistribution
+
+    logits = np.random.default_rng(0).normal(0, 3, 728).astype(np.float32)
+    for temperature in (0.6, 1.5, 4.0):  # 4.0: a flat distribution, the nucleus outgrows the first top-k
+        for top_p in (0.5, 0.9, 1.0):
+            p = np.exp((logits - logits.max()).astype(np.float64) / temperature)
+            p /= p.sum()
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            n = len(p) if top_p >= 1.0 else int(np.searchsorted(cum, top_p)) + 1
+            dist = TokenDistribution(logits, temperature, top_p)  # one per row, drawn from by every candidate
+            for k in range(50):
+                u = np.random.default_rng(k).random() * cum[n - 1]
+                expected = int(order[min(int(np.searchsorted(cum[:n], u, side="right")), n - 1)])
+                tok, lp = dist.choose(np.random.default_rng(k))
+                assert tok == expected
+                log_softmax = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+                assert lp == pytest.approx(log_softmax[tok], abs=1e-5)  # the model's own, at temperature 1
+    assert TokenDistribution(logits, 0.0, 0.9).choose(None)[0] == int(logits.argmax())
