@@ -211,10 +211,14 @@ def test_latency_with_reference(trained, capsys):
         assert doc[key]["median"] > 0, key
     assert doc["judge_s"]["median"] >= 0
     assert doc["n_runs"] == 2 and doc["peak_rss_mb"] > 0
-    assert doc["speedup_vs_reference"] > 1.0  # sharing the prefix beats re-evaluating everything
+    # Which is faster is the bench's claim, not a test's (timings on a shared CI runner are noise):
+    # the test holds the report's arithmetic.
+    ref = doc["reference_total_s"]
+    assert 0 < ref["min"] <= ref["median"] <= ref["max"]
+    assert doc["speedup_vs_reference"] == pytest.approx(ref["median"] / doc["total_s"]["median"])
     ratios = sorted(run["total_s"] / run["greedy_total_s"] for run in doc["runs"])  # paired, run by run
     assert doc["x_greedy"]["min"] == pytest.approx(ratios[0]) and doc["x_greedy"]["max"] == pytest.approx(ratios[-1])
-    assert doc["x_greedy"]["median"] > 1.0  # two candidates and their judging cost more than one greedy answer
+    assert doc["x_greedy"]["median"] == pytest.approx(statistics.median(ratios))
     for unit, median in doc.get("judge_prompt_tokens", {}).items():  # where the judge's prefill goes
         assert median == statistics.median(run["tokens"].get(f"judge_prompt_{unit}", 0) for run in doc["runs"])
 
