@@ -37,8 +37,12 @@ class TokenDistribution:
         if self._nucleus is None:
             p = np.exp(self._shifted.astype(np.float64) / self.temperature)
             p /= p.sum()
-            idx, cdf = _nucleus(p, self.top_p)
-            self._nucleus = idx.tolist(), cdf.tolist()  # Python lists: each draw is then one bisect
+            top = int(self.logits.argmax())
+            if p[top] >= self.top_p and self.top_p < 1.0:  # a confident position: a one-token nucleus, no sort
+                self._nucleus = [top], [float(p[top])]
+            else:
+                idx, cdf = _nucleus(p, self.top_p)
+                self._nucleus = idx.tolist(), cdf.tolist()  # Python lists: each draw is then one bisect
         idx, cdf = self._nucleus
         tok = idx[min(bisect.bisect_right(cdf, rng.random() * cdf[-1]), len(idx) - 1)]
         return tok, self.logprob(tok)

@@ -1,6 +1,7 @@
 """The runtime on a real (tiny, trained) model: invariants, streaming, hostile inputs, API, CLI."""
 
 import io
+import itertools
 import json
 import sys
 import threading
@@ -537,20 +538,22 @@ def test_token_distribution_draws_equal_a_plain_nucleus_sampler():
     softmax at the temperature, full sort, smallest set with mass >= top_p, inverse-CDF draw."""
     from llavao1_edge.sampling import TokenDistribution
 
-    logits = np.random.default_rng(0).normal(0, 3, 728).astype(np.float32)
-    for temperature in (0.6, 1.5, 4.0):  # 4.0: a flat distribution, the nucleus outgrows the first top-k
-        for top_p in (0.5, 0.9, 1.0):
-            p = np.exp((logits - logits.max()).astype(np.float64) / temperature)
-            p /= p.sum()
-            order = np.argsort(-p, kind="stable")
-            cum = np.cumsum(p[order])
-            n = len(p) if top_p >= 1.0 else int(np.searchsorted(cum, top_p)) + 1
-            dist = TokenDistribution(logits, temperature, top_p)  # one per row, drawn from by every candidate
-            for k in range(50):
-                u = np.random.default_rng(k).random() * cum[n - 1]
-                expected = int(order[min(int(np.searchsorted(cum[:n], u, side="right")), n - 1)])
-                tok, lp = dist.choose(np.random.default_rng(k))
-                assert tok == expected
-                log_softmax = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
-                assert lp == pytest.approx(log_softmax[tok], abs=1e-5)  # the model's own, at temperature 1
+    spread = np.random.default_rng(0).normal(0, 3, 728).astype(np.float32)
+    confident = spread.copy()
+    confident[5] += 14  # one token holds > 0.9 of the mass at 0.6: the one-token nucleus path
+    # 4.0: a flat distribution, the nucleus outgrows the first top-k
+    for logits, temperature, top_p in itertools.product((spread, confident), (0.6, 1.5, 4.0), (0.5, 0.9, 1.0)):
+        p = np.exp((logits - logits.max()).astype(np.float64) / temperature)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        n = len(p) if top_p >= 1.0 else int(np.searchsorted(cum, top_p)) + 1
+        dist = TokenDistribution(logits, temperature, top_p)  # one per row, drawn from by every candidate
+        for k in range(50):
+            u = np.random.default_rng(k).random() * cum[n - 1]
+            expected = int(order[min(int(np.searchsorted(cum[:n], u, side="right")), n - 1)])
+            tok, lp = dist.choose(np.random.default_rng(k))
+            assert tok == expected
+            log_softmax = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+            assert lp == pytest.approx(log_softmax[tok], abs=1e-5)  # the model's own, at temperature 1
     assert TokenDistribution(logits, 0.0, 0.9).choose(None)[0] == int(logits.argmax())
