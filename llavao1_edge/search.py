@@ -339,7 +339,8 @@ class _Search:
         if finish:
             for lv, _ in drawn:
                 lv.done, lv.cand.finish = True, finish
-        return True  # decoded even when done: a chosen candidate continues from here
+        # Decoded even when done, as a chosen candidate continues from here; a verdict is only read.
+        return not (finish and mode == "verdict")
 
     # -- selection -------------------------------------------------------------------------------
 
