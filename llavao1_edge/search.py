@@ -3,7 +3,8 @@
 All strategies share one generation loop (`_generate`): the sequences of a step decode together
 in one llama.cpp batch, each forked from the shared prefix (prompt + image + chosen stages), so
 nothing re-evaluates the image. Judge prompts fork the chat header and image from sequence 0
-and are evaluated together too. The search is a generator of `Event`s; `run_search` drains it.
+and are evaluated together too; greedy verdicts decode several tokens a step where earlier verdicts
+predict them (`VerdictDrafts`). The search is a generator of `Event`s; `run_search` drains it.
 
 Selectors: "judge" (the paper: a random pairwise knockout judged by the same model, with the
 text-only correctness check first at the reasoning stage), "logprob" (mean token
@@ -56,6 +57,7 @@ class SearchConfig:
     max_stage_tokens: int = 512  # budget per stage (stage, sentence)
     max_answer_tokens: int = 2048  # budget for a whole answer (greedy, best-of-n)
     max_judge_tokens: int = 64  # a verdict is one sentence
+    draft_verdicts: bool = True  # greedy verdicts decode tokens drafted from earlier verdicts, verified: same verdicts
     judge_both_orders: bool = False  # ask each pair twice, swapped; a split verdict goes to the higher mean logprob
     reasoning_check: bool = True  # the paper's correctness check before the reasoning knockout
     seed: int = 0
@@ -191,6 +193,38 @@ class _Live:
     done: bool = False
 
 
+class VerdictDrafts:
+    """Guesses at a verdict's next tokens from the verdicts already given in this search: a judge
+    repeats its wording ("Since response 1 gives ..., I choose response 2").
+
+    Lookup decoding: a step decodes a verdict's next token and the drafted ones after it, and keeps the
+    drafted tokens the model would have chosen itself. Kept per search, so a run depends only on its
+    own inputs and seed, never on the questions asked before it. (Seeding it with the reply forms the
+    judge is asked for was measured a loss: their guesses were mostly wrong, and on the shipped model a
+    batch row costs half a decode step.)"""
+
+    MAX_NGRAM = 3  # the longest verdict suffix looked up
+
+    def __init__(self, texts: list[list[int]] | None = None):
+        self.texts = [t for t in texts or [] if t]  # token lists, most recent first
+
+    def add(self, tokens: list[int]) -> None:
+        if tokens:
+            self.texts.insert(0, list(tokens))
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the longest suffix of `context` where it last occurred."""
+        if k <= 0:
+            return []
+        for n in range(min(self.MAX_NGRAM, len(context)), 0, -1):
+            key = context[-n:]
+            for text in self.texts:
+                for i in range(len(text) - n - 1, -1, -1):  # the latest occurrence with a token after it
+                    if text[i:i + n] == key:
+                        return text[i + n:i + n + k]
+        return []
+
+
 class _Search:
     def __init__(self, engine: Engine, image: ImageSource | None, question: str, cfg: SearchConfig,
                  should_stop: Callable[[], str | None]):
@@ -207,6 +241,7 @@ class _Search:
         self._cells_held = 0  # KV cells of the prefix and the live candidates, while they are judged
         self._judges_held: dict[int, list] = {}  # judge sequences kept for the next round: seq -> prompt keys
         self._judge_cells = 0  # KV cells they hold beyond what they share with sequence 0 (an upper bound)
+        self._drafts: VerdictDrafts | None = None  # made at the first greedy verdict
         self.t0 = time.perf_counter()
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -470,9 +505,12 @@ class _Search:
                 self.tokens["judge_prompt"] += stats.tokens_evaluated
                 self.tokens[f"judge_prompt_{unit}"] += stats.tokens_evaluated
                 self.timings["image_encode_s"] = self.timings.get("image_encode_s", 0.0) + stats.image_encode_s
-                cands, _ = yield from self._generate(states, self.cfg.judge_temperature, "verdict",
-                                                     self.cfg.max_judge_tokens, None, ("judge", group[0]),
-                                                     stream=False)
+                if self.cfg.draft_verdicts and self.cfg.judge_temperature <= 0:
+                    cands = yield from self._draft_verdicts(states, self.cfg.max_judge_tokens)
+                else:
+                    cands, _ = yield from self._generate(states, self.cfg.judge_temperature, "verdict",
+                                                         self.cfg.max_judge_tokens, None, ("judge", group[0]),
+                                                         stream=False)
                 for i, c in zip(group, cands, strict=True):
                     verdicts[i] = c.text
                 if len(groups) == 1:  # keep them: the next round's prompts start the same way
@@ -485,6 +523,54 @@ class _Search:
             for p in prompts:
                 self.e.free_prompt(p)
         return verdicts
+
+    DRAFT_TOKENS = 16  # drafted tokens per verdict and step; a wrong one costs a batch row (half a step, shipped model)
+
+    def _draft_verdicts(self, starts: list[SeqState], budget: int) -> Iterator[Event]:
+        """Greedy verdicts for `starts` (judge prompts just evaluated), decoded together; each step
+        decodes a verdict's next token plus tokens drafted by VerdictDrafts, and keeps the drafted
+        tokens that equal the model's own greedy choice, so the verdicts are those of `_generate`
+        (the test holds it) in fewer steps. Cells of rejected drafts are dropped. Returns candidates."""
+        if self._drafts is None:
+            self._drafts = VerdictDrafts()
+        lives = [_Live(Candidate(k, "", [], 0.0, ""), st, None, _TextState(StageStreamParser(), Engine.text_decoder()))
+                 for k, st in enumerate(starts)]
+        while True:
+            self._check()
+            rows: list[tuple[int, int, int]] = []  # (seq, token, pos)
+            plans: list[tuple[_Live, int, list[int]]] = []  # (verdict, its first row, drafted tokens)
+            for lv in lives:
+                if lv.done:
+                    continue
+                tok, lp = TokenDistribution(lv.state.logits, 0.0, 1.0).choose(None)
+                if not (yield from self._advance(tok, [(lv, lp)], "verdict", budget, None, None, False)):
+                    continue  # finished: the last token is read, not decoded
+                draft = self._drafts.propose(lv.cand.tokens, min(self.DRAFT_TOKENS, budget - len(lv.cand.tokens)))
+                plans.append((lv, len(rows), draft))
+                rows += [(lv.state.seq, t, lv.state.pos + j) for j, t in enumerate([tok, *draft])]
+            if not rows:
+                break
+            logits = self.e.step(rows)
+            self.tokens["judge_generated"] += len(rows)
+            self.tokens["judge_decode_steps"] += 1
+            for lv, first, draft in plans:
+                kept = 0  # drafted tokens the model agrees with
+                for d in draft:
+                    dist = TokenDistribution(logits[first + kept], 0.0, 1.0)
+                    if lv.done or dist.choose(None)[0] != d:
+                        break
+                    kept += 1
+                    yield from self._advance(d, [(lv, dist.logprob(d))], "verdict", budget, None, None, False)
+                self.tokens["judge_drafted"] += len(draft)
+                self.tokens["judge_draft_kept"] += kept
+                pos = lv.state.pos + 1 + kept
+                if kept < len(draft):
+                    self.e.drop(lv.state.seq, pos, -1)
+                lv.state = SeqState(lv.state.seq, pos, logits[first + kept])
+        for lv in lives:
+            lv.cand.text += lv.text.decoder.decode(b"", final=True)
+            self._drafts.add(lv.cand.tokens)
+        return [lv.cand for lv in lives]
 
     def _release_judges(self) -> None:
         for s in self._judges_held:

@@ -557,3 +557,53 @@ def test_token_distribution_draws_equal_a_plain_nucleus_sampler():
             log_softmax = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
             assert lp == pytest.approx(log_softmax[tok], abs=1e-5)  # the model's own, at temperature 1
     assert TokenDistribution(logits, 0.0, 0.9).choose(None)[0] == int(logits.argmax())
+
+
+def test_verdict_drafts_propose_what_followed_the_longest_latest_match():
+    from llavao1_edge.search import VerdictDrafts
+
+    drafts = VerdictDrafts([[1, 2, 3, 4, 5]])
+    drafts.add([9, 2, 3, 7, 8])  # most recent: looked at first
+    assert drafts.propose([2, 3], 2) == [7, 8]  # the latest text with the suffix
+    assert drafts.propose([1, 2, 3], 5) == [4, 5]  # a longer match wins over a more recent shorter one
+    assert drafts.propose([5], 3) == []  # nothing followed it
+    assert drafts.propose([6], 3) == [] and drafts.propose([2], 0) == []
+
+
+def test_drafted_verdicts_equal_verdicts_decoded_one_token_a_step(monkeypatch):
+    """Lookup decoding of greedy verdicts keeps only drafted tokens the model would choose itself:
+    the same verdicts, winners and answers as one token a step, in fewer decode steps, whether the
+    drafts are right (earlier verdicts) or go wrong halfway (each draft's second half replaced)."""
+    from llavao1_edge.api import MODELS_DIR
+    from llavao1_edge.search import VerdictDrafts
+
+    examples = MODELS_DIR.parent / "examples"
+    recs = list(read_records(examples / "questions.jsonl"))[:4]
+    settings = dict(strategy="stage", candidates=4, selector="judge", seed=0)
+
+    def judged(res):
+        return [(j.first, j.second, j.winner, j.verdict) for s in res.steps for j in s.judgements]
+
+    def counted(runs, key):
+        return sum(res.tokens[key] for res in runs)
+
+    propose = VerdictDrafts.propose
+
+    def half_wrong(self, context, k):
+        draft = propose(self, context, k)
+        return draft[:len(draft) // 2] + [t + 1 for t in draft[len(draft) // 2:]]
+
+    with api.Reasoner(n_threads=2, kv_f32=True, flash_attn=False) as r:
+        def ask_all(**more):
+            return [r.ask(examples / rec.image, rec.question, **settings, **more) for rec in recs]
+
+        plain, drafted = ask_all(draft_verdicts=False), ask_all(draft_verdicts=True)
+        monkeypatch.setattr(VerdictDrafts, "propose", half_wrong)
+        wrong = ask_all(draft_verdicts=True)
+    assert counted(plain, "judge_decode_steps") >= 4  # the runs judged something
+    for runs in (drafted, wrong):
+        for a, b in zip(plain, runs, strict=True):
+            assert judged(a) == judged(b) and a.text == b.text
+        assert counted(runs, "judge_decode_steps") < counted(plain, "judge_decode_steps")
+    assert counted(drafted, "judge_draft_kept") > 0
+    assert 0 < counted(wrong, "judge_draft_kept") < counted(wrong, "judge_drafted")  # rejections were exercised
