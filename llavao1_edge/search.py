@@ -659,8 +659,10 @@ class _Search:
             if win.finish != "closed":
                 self.flags.append(f"{stage.name}: {'answer ended' if win.finish == 'eos' else 'token budget reached'} "
                                   "before the closing tag")
-                if win.finish == "eos" or not self.force:
+                if not self.force:
                     break
+                # Forcing the format: an end token inside a stage closes it and the next stage is forced
+                # open (the end token was never decoded), so every stage is asked for.
                 closing = STAGE_BY_NAME[stage.name].close_tag
                 toks = self.e.tokenize(closing)
                 state = SeqState(0, state.pos + len(toks), self.e.decode_tokens(0, toks, state.pos))
