@@ -9,6 +9,7 @@ timings taken back to back (the median of those), not of two medians taken minut
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from llavao1_edge.search import SearchConfig
 
 from .backends import GGUFBackend
-from .common import BenchItem, peak_rss_mb
+from .common import BenchItem, Provenance, peak_rss_mb, sha256_file
 from .paper_search import PaperStyleSearch
 
 FOLLOW_UP = "How many objects are there?"  # the second question on a cached image
@@ -28,6 +29,7 @@ class LatencyReport:
     runs: list[dict] = field(default_factory=list)  # one per (question, repeat)
     reference_runs: list[float] = field(default_factory=list)  # paper-style total seconds
     peak_rss_mb: float = 0.0
+    provenance: dict = field(default_factory=dict)  # commit, CPU, versions, date, model hash, threads
 
     def stat(self, key: str) -> dict:
         vals = [r[key] for r in self.runs if r.get(key) is not None]
@@ -52,6 +54,8 @@ class LatencyReport:
         if judged := self.judge_prompt_tokens():
             out["judge_prompt_tokens"] = judged
         out["runs"] = self.runs
+        if self.provenance:
+            out["provenance"] = self.provenance
         if self.reference_runs:
             ref = statistics.median(self.reference_runs)
             out["reference_total_s"] = {"median": ref, "min": min(self.reference_runs), "max": max(self.reference_runs)}
@@ -125,4 +129,8 @@ def run_latency(backend: GGUFBackend, items: list[BenchItem], cfg: SearchConfig,
             bar.update(1)
     bar.close()
     report.peak_rss_mb = peak_rss_mb()
+    prov = Provenance()
+    report.provenance = {"commit": prov.commit, "cpu": prov.cpu, "cores": prov.cores, "date": prov.date,
+                         "versions": prov.versions, "model_sha256": sha256_file(backend.model),
+                         "threads": backend.reasoner.engine.config.n_threads or os.cpu_count()}
     return report

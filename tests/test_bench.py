@@ -211,6 +211,8 @@ def test_latency_with_reference(trained, capsys):
         assert doc[key]["median"] > 0, key
     assert doc["judge_s"]["median"] >= 0
     assert doc["n_runs"] == 2 and doc["peak_rss_mb"] > 0
+    prov = doc["provenance"]  # what a reader needs to repeat the numbers
+    assert len(prov["model_sha256"]) == 64 and prov["commit"] and prov["cpu"] and prov["threads"] >= 1
     # Which is faster is the bench's claim, not a test's (timings on a shared CI runner are noise):
     # the test holds the report's arithmetic.
     ref = doc["reference_total_s"]
