@@ -27,7 +27,7 @@ from llavao1_edge.extras import require_extra, run_guarded
 
 SEARCH_HELP = ("greedy | stage:N | best-of-n:N | sentence:N, then :judge|:logprob|:vote, then +greedy (candidate 1 "
                "decoded greedily), +swap (the judge asked both orders), +nocheck (no correctness check of the "
-               "REASONING candidates); e.g. stage:4:logprob+greedy")
+               "REASONING candidates), +nodraft (verdicts decoded one token a step, no drafts); e.g. stage:4:logprob+greedy")
 
 
 def _csv(s: str) -> tuple[str, ...]:

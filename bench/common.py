@@ -60,14 +60,14 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[BenchI
 
 # spec suffix -> (SearchConfig field, value)
 _SEARCH_OPTIONS = {"greedy": ("greedy_candidate", True), "swap": ("judge_both_orders", True),
-                   "nocheck": ("reasoning_check", False)}
+                   "nocheck": ("reasoning_check", False), "nodraft": ("draft_verdicts", False)}
 
 
 def parse_search(spec: str) -> SearchConfig:
     """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob', 'stage:4+greedy+swap' -> a SearchConfig.
     The selector defaults to judge (the paper's), not to the runtime's default (logprob).
     Suffixes: +greedy (candidate 1 decoded greedily), +swap (the judge asked both orders), +nocheck (no
-    correctness check of REASONING candidates before their knockout)."""
+    correctness check of REASONING candidates before their knockout), +nodraft (verdicts one token a step)."""
     base, *options = spec.strip().split("+")
     parts = base.split(":")
     strategy = parts[0]

@@ -284,6 +284,7 @@ def test_search_specs_and_stats():
     unchecked = parse_search("stage:4+nocheck")
     assert not unchecked.reasoning_check and parse_search("stage:4").reasoning_check
     assert search_label(unchecked) == "stage:4+nocheck" and search_label(parse_search("stage:4")) == "stage:4"
+    assert not parse_search("stage:4+nodraft").draft_verdicts and parse_search("stage:4").draft_verdicts
     for bad in ("stage:x", "greedy+greedy", "sentence:4+greedy", "stage:4+fast"):
         with pytest.raises(BenchError):
             parse_search(bad)

@@ -47,7 +47,7 @@ for fa in auto off; do
 done
 # 4b. the settings without a judge, the judge both orders and the judge without the reasoning check, against
 # greedy timed right after each run (paired, as in 4)
-for s in stage:4:logprob stage:2:logprob+greedy stage:4:logprob+greedy stage:4+greedy+swap stage:4+nocheck; do
+for s in stage:4:logprob stage:2:logprob+greedy stage:4:logprob+greedy stage:4+greedy+swap stage:4+nocheck stage:4+nodraft; do
     latency "$OUT/latency_extra_$(echo "$s" | tr ':+' '__').json" --search "$s" --compare-greedy
 done
 # 5. stage search with greedy decoding as candidate 1 (+greedy), and with the judge asked both orders (+swap);
