@@ -45,8 +45,8 @@ for fa in auto off; do
             $([ "$s" = greedy ] || echo --compare-reference --compare-greedy)
     done
 done
-# 4b. the settings without a judge, the judge both orders and the judge without the reasoning check, against
-# greedy timed right after each run (paired, as in 4)
+# 4b. the settings without a judge, the judge both orders, the judge without the reasoning check and without
+# verdict drafts, against greedy timed right after each run (paired, as in 4)
 for s in stage:4:logprob stage:2:logprob+greedy stage:4:logprob+greedy stage:4+greedy+swap stage:4+nocheck stage:4+nodraft; do
     latency "$OUT/latency_extra_$(echo "$s" | tr ':+' '__').json" --search "$s" --compare-greedy
 done
