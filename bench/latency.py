@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from llavao1_edge.search import SearchConfig
 
@@ -129,8 +129,6 @@ def run_latency(backend: GGUFBackend, items: list[BenchItem], cfg: SearchConfig,
             bar.update(1)
     bar.close()
     report.peak_rss_mb = peak_rss_mb()
-    prov = Provenance()
-    report.provenance = {"commit": prov.commit, "cpu": prov.cpu, "cores": prov.cores, "date": prov.date,
-                         "versions": prov.versions, "model_sha256": sha256_file(backend.model),
+    report.provenance = {**asdict(Provenance()), "model_sha256": sha256_file(backend.model),
                          "threads": backend.reasoner.engine.config.n_threads or os.cpu_count()}
     return report

@@ -241,7 +241,7 @@ class _Search:
         self._cells_held = 0  # KV cells of the prefix and the live candidates, while they are judged
         self._judges_held: dict[int, list] = {}  # judge sequences kept for the next round: seq -> prompt keys
         self._judge_cells = 0  # KV cells they hold beyond what they share with sequence 0 (an upper bound)
-        self._drafts: VerdictDrafts | None = None  # made at the first greedy verdict
+        self._drafts = VerdictDrafts()  # this search's verdicts, for drafting the next ones
         self.t0 = time.perf_counter()
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -531,8 +531,6 @@ class _Search:
         decodes a verdict's next token plus tokens drafted by VerdictDrafts, and keeps the drafted
         tokens that equal the model's own greedy choice, so the verdicts are those of `_generate`
         (the test holds it) in fewer steps. Cells of rejected drafts are dropped. Returns candidates."""
-        if self._drafts is None:
-            self._drafts = VerdictDrafts()
         lives = [_Live(Candidate(k, "", [], 0.0, ""), st, None, _TextState(StageStreamParser(), Engine.text_decoder()))
                  for k, st in enumerate(starts)]
         while True:
