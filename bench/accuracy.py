@@ -9,9 +9,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llavao1_data.shapes.questions import caption_check, option_walk_check, reasoning_check
 from llavao1_edge.answers import is_correct
 from llavao1_edge.stages import parse_answer
-from llavao1_train.shapes.questions import caption_check, option_walk_check, reasoning_check
 
 from .common import BenchItem, wilson_interval
 

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 
 from llavao1_edge.images import load_image, preprocess
+from llavao1_edge.prompting import render_user_turn
 from llavao1_edge.search import SearchConfig
-from llavao1_export.verify import image_prompt_ids
+from llavao1_models.llava import image_prompt_ids, image_token_count
 
 from .accuracy import Answer
 from .common import BenchItem
@@ -60,7 +61,7 @@ class OnnxBackend:
 
     def answer(self, item: BenchItem, cfg: SearchConfig | None = None) -> Answer:
         t0 = time.perf_counter()
-        ids = image_prompt_ids(self.tok, self.tok.chat_template, f"<image>\n{item.question}",
+        ids = image_prompt_ids(self.tok, render_user_turn(self.tok.chat_template, f"<image>\n{item.question}"),
                                self.meta["image_token_id"], self.meta["n_image_tokens"])
         px = preprocess(_image_bytes(item), self.meta["image_size"], self.meta["image_mean"], self.meta["image_std"])
         out = self.runner.generate(ids, px, self.max_new)
@@ -80,22 +81,22 @@ class HFBackend:
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-        from llavao1_export.verify import Reference
+        from llavao1_models.checkpoint import read_image_stats
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.ref = Reference(folder)
         self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
         self.tok = AutoTokenizer.from_pretrained(folder)
+        self.mean, self.std = read_image_stats(folder) or ((0.5,) * 3, (0.5,) * 3)
         self.max_new = max_new_tokens
 
     def answer(self, item: BenchItem, cfg: SearchConfig | None = None) -> Answer:
-        torch, ref = self.torch, self.ref
+        torch, config = self.torch, self.model.config
         t0 = time.perf_counter()
-        ids = image_prompt_ids(self.tok, ref.ckpt.chat_template, f"<image>\n{item.question}",
-                               self.model.config.image_token_id, ref.n_image_tokens)
-        px = torch.from_numpy(preprocess(_image_bytes(item), ref.image_size, ref.mean, ref.std))[None]
+        ids = image_prompt_ids(self.tok, render_user_turn(self.tok.chat_template, f"<image>\n{item.question}"),
+                               config.image_token_id, image_token_count(config))
+        px = torch.from_numpy(preprocess(_image_bytes(item), config.vision_config.image_size, self.mean, self.std))[None]
         with torch.no_grad():
             out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       pixel_values=px, max_new_tokens=self.max_new, do_sample=False,

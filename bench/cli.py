@@ -6,8 +6,6 @@ examples:
   llavao1-bench accuracy --data eval/records.jsonl --search greedy --limit 200
   llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
   llavao1-bench compare greedy.json stage4.json   # which questions stage:4 fixes / breaks, McNemar's exact p
-  llavao1-bench colour --model runs/shapes-tiny/train-mix/final --data eval/records.jsonl  # reads colours or copies?
-  llavao1-bench option-copy --data runs/shapes-tiny/data/train-mix/records.jsonl   # copies each option's text?
   llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
       --quants F16,Q8_0,Q4_K_M --search greedy,stage:2 --limit 100 --out sweep/
 
@@ -92,31 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("a", metavar="A", help="the baseline report")
     cmp.add_argument("b", metavar="B", help="the report compared with it")
     cmp.add_argument("--json", action="store_true", help="print one JSON object (with the fixed and broken ids)")
-
-    col = sub.add_parser("colour", help="does a checkpoint read colours from the image or copy the question's? "
-                         "(shapes data, torch)",
-                         description="Teacher-forced caption colour words against the scene and against the "
-                         "question's colour (and with that colour swapped), plus a linear probe of colour and shape "
-                         "at the object-centre patches of the tower's features and the projector's output. On records "
-                         "written with llavao1-data shapes --reasoning-style scan it also counts the reasoning's "
-                         "'red? yes' / 'red? no' decisions the model gets right with the reference before them.")
-    col.add_argument("--model", required=True, help="Hugging Face LLaVA checkpoint folder (e.g. RUN/train-mix/final)")
-    col.add_argument("--data", required=True, help="shapes records.jsonl with four-stage answers and meta.scene")
-    col.add_argument("--limit", type=int, default=150, help="questions to teacher-force (default %(default)s)")
-    col.add_argument("--probe-images", type=int, default=1500, help="images for the probe (default %(default)s)")
-    col.add_argument("--json", action="store_true", help="print one JSON object")
-
-    oc = sub.add_parser("option-copy", help="can the model copy each option's text into its option walk? "
-                        "(shapes data, --mc-step check)",
-                        description="The probability of option A's first token right after 'Checking the "
-                        "options:\\nA.', grouped by what option A is (a colour, a number, another word): on the "
-                        "text-only option drills of a training set (kind option, teacher-forced) and on the model's "
-                        "own greedy answers to multiple-choice questions, cut where the walk starts; on the drills also "
-                        "every later line's option (B after '\\nB.', ...).")
-    model_args(oc)
-    oc.add_argument("--data", required=True, help="shapes records.jsonl (training records with option drills, or "
-                    "eval questions)")
-    oc.add_argument("--limit", type=int, default=200, help="records of each source to probe (default %(default)s)")
 
     sw = sub.add_parser("sweep", help="accuracy and latency over quantization types x search settings")
     sw.add_argument("--data", required=True)
@@ -213,25 +186,6 @@ def _run(args) -> int:
         res = compare_reports(load_accuracy(args.a), load_accuracy(args.b))
         print(json.dumps(res.to_json(), indent=2) if args.json else res.table())
         return 0
-    if args.command == "colour":
-        from .colour import measure_colour
-
-        report = measure_colour(args.model, args.data, args.limit, args.probe_images)
-        print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
-        return 0
-    if args.command == "option-copy":
-        from llavao1_edge.engine import Engine, EngineConfig
-
-        from .option_copy import measure_option_copy
-
-        if args.limit < 1:
-            raise BenchError("--limit must be at least 1")
-        model, mmproj = _model_paths(args)
-        config = EngineConfig(n_ctx=args.ctx, n_threads=args.threads, flash_attn=FLASH_ATTN[args.flash_attn])
-        with Engine(model, mmproj, config) as engine:
-            report = measure_option_copy(engine, args.data, args.limit)
-        print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
-        return 0
     cfg = parse_search(args.search)
     model, mmproj = _model_paths(args)
     items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit or 5)
@@ -260,13 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "sweep":
         require_extra("llavao1-bench", "bench", ("matplotlib",))
-    if args.command == "colour":
-        require_extra("llavao1-bench", "train", ("torch", "transformers"))
+    from llavao1_data.records import RecordError
     from llavao1_edge.api import ModelNotFound
     from llavao1_edge.engine import EngineError
     from llavao1_edge.images import ImageError
     from llavao1_edge.modelfile import ModelFileError
-    from llavao1_edge.records import RecordError
 
     from .common import BenchError
 

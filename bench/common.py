@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llavao1_edge.records import RecordError, read_records, read_tsv
+from llavao1_data.records import RecordError, read_records, read_tsv
 from llavao1_edge.search import SELECTORS, STRATEGIES, SearchConfig
 from llavao1_edge.stages import parse_answer
 

@@ -13,7 +13,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llavao1_edge.records import atomic_text_file
+from llavao1_data.records import atomic_text_file
+from llavao1_edge.formats import ONNX_QUANTS, type_of_file
 from llavao1_edge.search import SearchConfig
 
 from .accuracy import run_accuracy
@@ -75,7 +76,7 @@ def validate(cfg: SweepConfig) -> Plan:
 
         try:
             text, proj = shipped_model_paths()
-            f16 = [p for p in text.parent.glob("*.gguf") if "f16" in p.name.lower() and not p.name.startswith("mmproj")]
+            f16 = [p for p in text.parent.glob("*.gguf") if p != proj and type_of_file(p) == "F16"]
             cfg.gguf, cfg.mmproj = str(f16[0] if f16 else text), str(proj)
         except ModelNotFound as e:
             problems.append(str(e))
@@ -105,8 +106,8 @@ def validate(cfg: SweepConfig) -> Plan:
         except BenchError as e:
             problems.append(str(e))
     for q in cfg.onnx_quants:
-        if q not in ("none", "int8", "int4"):
-            problems.append(f"ONNX quantization {q!r} is not one of none, int8, int4")
+        if q not in ONNX_QUANTS:
+            problems.append(f"ONNX quantization {q!r} is not one of {', '.join(ONNX_QUANTS)}")
     if problems:
         raise BenchError("; ".join(problems))
     return Plan(items, searches, quants, mquants)
@@ -137,7 +138,7 @@ def _prepare_models(cfg: SweepConfig, plan: Plan, log) -> tuple[Path, Path]:
 def _quantized(src: Path, qtype: str, models: Path, prefix: str, log) -> Path:
     from llavao1_export.quantize import quantize_gguf
 
-    if qtype == "F16" and "f16" in src.name.lower():
+    if type_of_file(src) == qtype:  # the source already is that type
         return src
     dst = models / f"{prefix}-{qtype}.gguf"
     if not dst.is_file():

@@ -19,8 +19,7 @@ from llavao1_edge.extras import require_extra, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .onnx_export import ONNX_QUANTS
-    from .quantize import QUANT_TYPES
+    from llavao1_edge.formats import ONNX_QUANTS, OUTTYPES, QUANT_TYPES
 
     p = argparse.ArgumentParser(prog="llavao1-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gguf", help="write the text model and the projector (mmproj) as GGUF")
     g.add_argument("--model", required=True, help="Hugging Face LLaVA checkpoint folder")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16"])
+    g.add_argument("--outtype", default="f16", choices=list(OUTTYPES))
     q = sub.add_parser("quantize", help="quantize a text-model or mmproj GGUF",
                        description=f"Types: {', '.join(QUANT_TYPES)}. The input is never overwritten.")
     q.add_argument("input")
@@ -107,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "inspect":
         require_extra("llavao1-export", "export", ("torch", "transformers", "safetensors", "onnx", "onnxruntime"))
     from llavao1_edge.modelfile import ModelFileError
+    from llavao1_models.checkpoint import CheckpointError
 
-    from .checkpoint import ExportError
+    from .errors import ExportError
 
-    return run_guarded("llavao1-export", lambda: _run(args), (ExportError, ModelFileError, ValueError, OSError),
+    return run_guarded("llavao1-export", lambda: _run(args), (ExportError, CheckpointError, ModelFileError, ValueError, OSError),
                        "interrupted; nothing was left under the final name")
 
 

@@ -17,16 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import MODEL_TENSOR as MT
+from gguf import Keys
 
+from llavao1_data.records import IMAGE_TOKEN
 from llavao1_edge import gguf_keys as K
+from llavao1_edge.formats import EXACT_TENSOR_TYPES
+from llavao1_edge.gguf_keys import tensor_name
 from llavao1_edge.modelfile import ModelFileError, check_projector, check_text_model, text_width
-from llavao1_edge.records import IMAGE_TOKEN
-from llavao1_train.model import ModelSpec, build_model, save_checkpoint
+from llavao1_models.gguf_plan import unpermute_qk
+from llavao1_models.llama import BLOCK_TENSORS, ROPE_PERMUTED
+from llavao1_models.llava import (
+    PROJECTOR_LAYERS,
+    VISION_BLOCK_TENSORS,
+    ModelSpec,
+    build_model,
+    save_checkpoint,
+    tower_prefix,
+)
 
-from .checkpoint import ExportError
-from .gguf_convert import PROJECTOR_TENSORS, TEXT_BLOCK_TENSORS, VISION_BLOCK_TENSORS
-
-EXACT_TYPES = ("F32", "F16", "BF16")  # read back as the values the file holds
+from .errors import ExportError
 
 
 @dataclass
@@ -35,13 +45,6 @@ class ImportResult:
     spec: ModelSpec
     tensor_types: dict[str, int]  # ggml type name -> tensors read
     notes: list[str] = field(default_factory=list)
-
-
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """ggml's adjacent-pair RoPE rows -> HF 'rotate half' layout: the inverse of permute_qk."""
-    out_dim, in_dim = w.shape
-    d = out_dim // n_heads
-    return w.reshape(n_heads, d // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
 def _value(reader, key: str, path: Path, required: bool = True):
@@ -77,43 +80,43 @@ def _tensors(reader, path: Path, types: dict[str, int]) -> dict[str, np.ndarray]
 
 
 def _spec(text_reader, vision_reader, text_path: Path, vision_path: Path, vocab_size: int) -> ModelSpec:
-    arch = _value(text_reader, K.ARCHITECTURE, text_path)
+    arch = _value(text_reader, Keys.General.ARCHITECTURE, text_path)
     if arch != "llama":
         raise ExportError(f"{text_path}: architecture {arch!r}; only llama decoders can be imported")
 
-    def tv(name):
-        return _value(text_reader, f"{arch}.{name}", text_path)
+    def tv(key, required=True):
+        return _value(text_reader, key.format(arch=arch), text_path, required)
 
     def vv(key):
         return _value(vision_reader, key, vision_path)
 
-    ptype = vv(K.CLIP_PROJECTOR_TYPE)
+    CV = Keys.ClipVision
+    ptype = vv(Keys.Clip.PROJECTOR_TYPE)
     if ptype != "mlp":
         raise ExportError(f"{vision_path}: projector type {ptype!r}; only the mlp projector can be imported")
-    if not vv(K.CLIP_USE_GELU):
+    if not vv(CV.USE_GELU):
         raise ExportError(f"{vision_path}: quick-GELU towers (CLIP) cannot be imported; ours use GELU")
     names = {t.name for t in vision_reader.tensors}
-    extra = sorted(n for n in names if n.startswith(("v.class_embd", "v.pre_ln", "v.post_ln")))
+    extra = sorted(n for n in names if n.startswith(tuple(tensor_name(k, suffix=None) for k in (MT.V_ENC_EMBD_CLS, MT.V_PRE_NORM, MT.V_POST_NORM))))
     if extra:
         raise ExportError(f"{vision_path}: has {', '.join(extra)}: a CLIP-style tower; only SigLIP-style towers "
                           "(no class token, no pre-norm) can be imported")
-    if abs(float(vv(K.CLIP_EPS)) - 1e-6) > 1e-12 or abs(float(tv("attention.layer_norm_rms_epsilon")) - 1e-5) > 1e-12:
+    if abs(float(vv(CV.Attention.LAYERNORM_EPS)) - 1e-6) > 1e-12 or abs(float(tv(Keys.Attention.LAYERNORM_RMS_EPS)) - 1e-5) > 1e-12:
         raise ExportError(f"{text_path}: norm epsilons differ from the ones llavao1-train builds (1e-5 text, 1e-6 vision)")
-    blocks = int(vv(K.CLIP_FEATURE_LAYER)[0]) if K.CLIP_FEATURE_LAYER in vision_reader.fields else int(vv(K.CLIP_BLOCKS))
-    n_vision = int(vv(K.CLIP_BLOCKS))
+    blocks = int(vv(K.CLIP_FEATURE_LAYER)[0]) if K.CLIP_FEATURE_LAYER in vision_reader.fields else int(vv(CV.BLOCK_COUNT))
+    n_vision = int(vv(CV.BLOCK_COUNT))
     return ModelSpec(
-        name=str(_value(text_reader, K.NAME, text_path, required=False) or text_path.stem),
-        image_size=int(vv(K.CLIP_IMAGE_SIZE)), patch_size=int(vv(K.CLIP_PATCH_SIZE)),
-        vision_width=int(vv(K.CLIP_EMBEDDING)), vision_layers=n_vision, vision_heads=int(vv(K.CLIP_HEADS)),
-        vision_ffn=int(vv(K.CLIP_FFN)), text_width=int(tv("embedding_length")), text_layers=int(tv("block_count")),
-        text_heads=int(tv("attention.head_count")),
-        text_kv_heads=int(_value(text_reader, f"{arch}.attention.head_count_kv", text_path, required=False)
-                          or tv("attention.head_count")),
-        text_ffn=int(tv("feed_forward_length")), vocab_size=vocab_size, context_length=int(tv("context_length")),
-        rope_theta=float(_value(text_reader, f"{arch}.rope.freq_base", text_path, required=False) or 10000.0),
+        name=str(_value(text_reader, Keys.General.NAME, text_path, required=False) or text_path.stem),
+        image_size=int(vv(CV.IMAGE_SIZE)), patch_size=int(vv(CV.PATCH_SIZE)),
+        vision_width=int(vv(CV.EMBEDDING_LENGTH)), vision_layers=n_vision, vision_heads=int(vv(CV.Attention.HEAD_COUNT)),
+        vision_ffn=int(vv(CV.FEED_FORWARD_LENGTH)), text_width=int(tv(Keys.LLM.EMBEDDING_LENGTH)),
+        text_layers=int(tv(Keys.LLM.BLOCK_COUNT)), text_heads=int(tv(Keys.Attention.HEAD_COUNT)),
+        text_kv_heads=int(tv(Keys.Attention.HEAD_COUNT_KV, False) or tv(Keys.Attention.HEAD_COUNT)),
+        text_ffn=int(tv(Keys.LLM.FEED_FORWARD_LENGTH)), vocab_size=vocab_size, context_length=int(tv(Keys.LLM.CONTEXT_LENGTH)),
+        rope_theta=float(tv(Keys.Rope.FREQ_BASE, False) or 10000.0),
         feature_layer=blocks - n_vision - 1,  # HF counts from the end: all blocks -> -1
-        tie_embeddings="output.weight" not in {t.name for t in text_reader.tensors},
-        image_mean=tuple(float(v) for v in vv(K.CLIP_MEAN)), image_std=tuple(float(v) for v in vv(K.CLIP_STD)),
+        tie_embeddings=tensor_name(MT.OUTPUT) not in {t.name for t in text_reader.tensors},
+        image_mean=tuple(float(v) for v in vv(CV.IMAGE_MEAN)), image_std=tuple(float(v) for v in vv(CV.IMAGE_STD)),
     )
 
 
@@ -123,12 +126,12 @@ def rebuild_tokenizer(reader, path: Path):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    if _value(reader, "tokenizer.ggml.model", path) != "gpt2":
-        raise ExportError(f"{path}: tokenizer {_value(reader, 'tokenizer.ggml.model', path)!r}; only byte-level "
+    if _value(reader, Keys.Tokenizer.MODEL, path) != "gpt2":
+        raise ExportError(f"{path}: tokenizer {_value(reader, Keys.Tokenizer.MODEL, path)!r}; only byte-level "
                           "BPE (gpt2) vocabularies can be imported")
-    tokens = list(_value(reader, "tokenizer.ggml.tokens", path))
-    types = [int(v) for v in _value(reader, "tokenizer.ggml.token_type", path)]
-    merges = [tuple(m.split(" ", 1)) for m in _value(reader, "tokenizer.ggml.merges", path)]
+    tokens = list(_value(reader, Keys.Tokenizer.LIST, path))
+    types = [int(v) for v in _value(reader, Keys.Tokenizer.TOKEN_TYPE, path)]
+    merges = [tuple(m.split(" ", 1)) for m in _value(reader, Keys.Tokenizer.MERGES, path)]
     if types.count(int(gguf.TokenType.UNUSED)):
         raise ExportError(f"{path}: the vocabulary has padding entries; only unpadded vocabularies can be imported")
     control = [i for i, t in enumerate(types) if t == int(gguf.TokenType.CONTROL)]
@@ -146,16 +149,16 @@ def rebuild_tokenizer(reader, path: Path):
                               "only vocabularies laid out as llavao1-train writes them can be imported")
 
     def special(key: str) -> str | None:
-        i = _value(reader, f"tokenizer.ggml.{key}", path, required=False)
+        i = _value(reader, key, path, required=False)
         return tokens[int(i)] if i is not None else None
 
     if IMAGE_TOKEN not in in_bpe:
         raise ExportError(f"{path}: no {IMAGE_TOKEN} token in the vocabulary")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special("bos_token_id"),
-                                   eos_token=special("eos_token_id"), pad_token=special("padding_token_id"),
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special(Keys.Tokenizer.BOS_ID),
+                                   eos_token=special(Keys.Tokenizer.EOS_ID), pad_token=special(Keys.Tokenizer.PAD_ID),
                                    extra_special_tokens={"image_token": IMAGE_TOKEN})
-    fast.chat_template = _value(reader, K.CHAT_TEMPLATE, path, required=False)
-    fast.add_bos_token = bool(_value(reader, "tokenizer.ggml.add_bos_token", path, required=False))
+    fast.chat_template = _value(reader, Keys.Tokenizer.CHAT_TEMPLATE, path, required=False)
+    fast.add_bos_token = bool(_value(reader, Keys.Tokenizer.ADD_BOS, path, required=False))
     return fast
 
 
@@ -163,25 +166,25 @@ def _state_dict(text: dict[str, np.ndarray], vision: dict[str, np.ndarray], spec
                 v: str) -> dict[str, np.ndarray]:
     """GGUF tensor names -> the names LlavaForConditionalGeneration loads (gguf_convert's map, reversed);
     `v`: the tower's prefix in this transformers version."""
-    sd = {"model.language_model.embed_tokens.weight": text["token_embd.weight"],
-          "model.language_model.norm.weight": text["output_norm.weight"]}
+    sd = {"model.language_model.embed_tokens.weight": text[tensor_name(MT.TOKEN_EMBD)],
+          "model.language_model.norm.weight": text[tensor_name(MT.OUTPUT_NORM)]}
     if not spec.tie_embeddings:
-        sd["lm_head.weight"] = text["output.weight"]
-    heads = {"attn_q": spec.text_heads, "attn_k": spec.text_kv_heads}
+        sd["lm_head.weight"] = text[tensor_name(MT.OUTPUT)]
+    heads = {MT.ATTN_Q: spec.text_heads, MT.ATTN_K: spec.text_kv_heads}
     for i in range(spec.text_layers):
-        for hf, gg in TEXT_BLOCK_TENSORS.items():
-            w = text[f"blk.{i}.{gg}.weight"]
-            sd[f"model.language_model.layers.{i}.{hf}.weight"] = unpermute_qk(w, heads[gg]) if gg in heads else w
-    sd[v + "embeddings.patch_embedding.weight"] = vision["v.patch_embd.weight"]
-    sd[v + "embeddings.patch_embedding.bias"] = vision["v.patch_embd.bias"]
-    sd[v + "embeddings.position_embedding.weight"] = vision["v.position_embd.weight"]
+        for hf, kind in BLOCK_TENSORS.items():
+            w = text[tensor_name(kind, i)]
+            sd[f"model.language_model.layers.{i}.{hf}.weight"] = unpermute_qk(w, heads[kind]) if kind in ROPE_PERMUTED else w
+    sd[v + "embeddings.patch_embedding.weight"] = vision[tensor_name(MT.V_ENC_EMBD_PATCH)]
+    sd[v + "embeddings.patch_embedding.bias"] = vision[tensor_name(MT.V_ENC_EMBD_PATCH, suffix="bias")]
+    sd[v + "embeddings.position_embedding.weight"] = vision[tensor_name(MT.V_ENC_EMBD_POS)]
     for i in range(spec.vision_layers):
-        for hf, gg in VISION_BLOCK_TENSORS.items():
-            for kind in ("weight", "bias"):
-                sd[f"{v}encoder.layers.{i}.{hf}.{kind}"] = vision[f"v.blk.{i}.{gg}.{kind}"]
-    for hf, gg in PROJECTOR_TENSORS.items():
-        for kind in ("weight", "bias"):
-            sd[f"model.multi_modal_projector.{hf}.{kind}"] = vision[f"{gg}.{kind}"]
+        for hf, kind in VISION_BLOCK_TENSORS.items():
+            for suffix in ("weight", "bias"):
+                sd[f"{v}encoder.layers.{i}.{hf}.{suffix}"] = vision[tensor_name(kind, i, suffix)]
+    for hf, bid in PROJECTOR_LAYERS.items():
+        for suffix in ("weight", "bias"):
+            sd[f"model.multi_modal_projector.{hf}.{suffix}"] = vision[tensor_name(MT.V_MMPROJ, bid, suffix)]
     return sd
 
 
@@ -205,12 +208,10 @@ def import_gguf(text_path: str | os.PathLike, mmproj_path: str | os.PathLike, ou
     types: dict[str, int] = {}
     model = build_model(spec, tokenizer)
     own = model.state_dict()
-    v = "model.vision_tower.vision_model."
-    if v + "embeddings.patch_embedding.weight" not in own:
-        v = "model.vision_tower."
+    v = tower_prefix(own)
     sd = _state_dict(_tensors(text_reader, text_path, types), _tensors(vision_reader, mmproj_path, types), spec, v)
     notes = []
-    lossy = sorted(k for k in types if k not in EXACT_TYPES)
+    lossy = sorted(k for k in types if k not in EXACT_TENSOR_TYPES)
     if lossy:
         notes.append(f"dequantized {', '.join(lossy)} tensors: the weights are the quantized values, not the originals")
     missing = [k for k in own if k not in sd and "post_layernorm" not in k]  # HF LLaVA never reads post_layernorm

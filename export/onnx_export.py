@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llavao1_train.model import image_token_count
+from llavao1_edge.formats import ONNX_QUANTS
+from llavao1_models.llava import image_token_count
 
-from .checkpoint import ExportError
+from .errors import ExportError
 
-ONNX_QUANTS = ("none", "int8", "int4")
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
 OPSET = 17
 
@@ -87,7 +87,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quant:
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from .checkpoint import load_checkpoint
+    from llavao1_models.checkpoint import load_checkpoint
 
     if quant not in ONNX_QUANTS:
         raise ExportError(f"--quant must be one of {', '.join(ONNX_QUANTS)}, got {quant!r}")
@@ -237,27 +237,3 @@ class OnnxLlava:
             logits, past = self.forward(emb, past, pos)
             pos += 1
         return out
-
-
-def verify_onnx(ref, ref_out: dict, onnx_dir: str):
-    """A verify PathReport for an ONNX folder against the transformers reference."""
-    from .verify import ONNX_THRESHOLD, PathReport
-
-    runner = OnnxLlava(onnx_dir)
-    quantized = runner.meta["quant"] != "none"
-    rep = PathReport("onnx", [str(Path(onnx_dir) / g) for g in GRAPHS], quantized)
-    text_ids = ref.text_ids()
-    logits, _ = runner.forward(runner.embed_prompt(text_ids, None), None, 0)
-    rep.text_max_abs_logit = float(np.abs(logits[0] - ref_out["text_logits"]).max())
-    cont = runner.generate(text_ids, None, len(ref_out["text_cont"]), eos_token_id=-1)
-    rep.text_top1_agreement = float(np.mean(np.array(cont) == ref_out["text_cont"]))
-    px = ref.pixels().numpy()[0]
-    rep.compare_image_embeddings(runner.image_features(px), ref_out["image_embd"])
-    image_ids = ref.image_ids()
-    ilogits, _ = runner.forward(runner.embed_prompt(image_ids, px), None, 0)
-    rep.image_max_abs_logit = float(np.abs(ilogits[0, -1] - ref_out["image_last_logits"]).max())
-    icont = runner.generate(image_ids, px, len(ref_out["image_cont"]), eos_token_id=-1)
-    rep.image_top1_agreement = float(np.mean(np.array(icont) == ref_out["image_cont"]))
-    if not quantized:
-        rep.checks["onnx_logits<=1e-4"] = max(rep.text_max_abs_logit, rep.image_max_abs_logit) <= ONNX_THRESHOLD
-    return rep

@@ -1,6 +1,6 @@
 """Quantize GGUF files (text models and mmproj) through llama.cpp's own quantizer.
 
-QUANT_TYPES is the one table of quantization names in the project. Inputs are validated before
+The types are llavao1_edge.formats' table. Inputs are validated before
 llama.cpp sees them, unknown types are refused before any work, the input is never
 overwritten, and the output appears under its final name only when complete.
 """
@@ -10,37 +10,22 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llavao1_edge.engine import captured_llama_log
+from llavao1_edge.formats import BY_NAME, QUANT_TYPES
 from llavao1_edge.modelfile import describe
 
-from .checkpoint import ExportError
+from .errors import ExportError
 
-# Our name -> llama.cpp's LLAMA_FTYPE_MOSTLY_* constant name. The order is from large to small.
-QUANT_TYPES: dict[str, str] = {
-    "F16": "LLAMA_FTYPE_MOSTLY_F16",
-    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
-    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
-    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
-}
 _FALLBACK_RE = re.compile(r"warning: (\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\S+)\).*?"
                           r"-> falling back to\s+(\S+)", re.DOTALL)
-_lock = threading.Lock()  # the log callback is process-wide
 
 
 def normalise_type(name: str) -> str:
+    """The table's spelling of a quantization type ("q4_k_m" -> "Q4_K_M"); ExportError listing the known ones."""
     key = name.strip().upper()
     if key not in QUANT_TYPES:
         raise ExportError(f"unknown quantization type {name!r}; known: {', '.join(QUANT_TYPES)}")
@@ -83,19 +68,10 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, th
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     params = L.llama_model_quantize_default_params()
-    params.ftype = getattr(L, QUANT_TYPES[qtype])
+    params.ftype = getattr(L, "LLAMA_FTYPE_" + BY_NAME[qtype].ftype)
     params.nthread = threads
-    log: list[str] = []
-    with _lock:
-        from llavao1_edge.engine import _init_backend, _log_callbacks
-
-        _init_backend(verbose=False)
-        capture = L.llama_log_callback(lambda level, text, user: log.append(text.decode("utf-8", "replace")))
-        L.llama_log_set(capture, None)
-        try:
-            rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        finally:
-            L.llama_log_set(_log_callbacks[0] if _log_callbacks else None, None)
+    with captured_llama_log() as log:
+        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     try:
         if rc != 0:
             raise ExportError(f"{src}: llama.cpp could not quantize to {qtype} (code {rc})")

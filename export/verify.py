@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from llavao1_edge.formats import type_of_file
 from llavao1_edge.images import preprocess
-from llavao1_edge.modelfile import describe
 from llavao1_edge.prompting import render_user_turn
-from llavao1_train.model import image_token_count
+from llavao1_models.llava import image_prompt_ids, image_token_count
 
-from .checkpoint import ExportError
+from .errors import ExportError
 
 TEXT_THRESHOLD = 1e-4  # F32 GGUF text logits
 # Image embeddings, towers without CLS, relative to max(1, max |reference|): llama.cpp's fp16 im2col and
@@ -86,13 +86,6 @@ class VerifyReport:
         return "\n".join(rows)
 
 
-def image_prompt_ids(tokenizer, template: str | None, user_text: str, image_token_id: int, n_image_tokens: int) -> list[int]:
-    """Token ids of a chat prompt for transformers/ONNX: the one image placeholder expanded to every image token."""
-    ids = tokenizer(render_user_turn(template, user_text), add_special_tokens=False)["input_ids"]
-    at = ids.index(image_token_id)
-    return ids[:at] + [image_token_id] * n_image_tokens + ids[at + 1:]
-
-
 class Reference:
     """The transformers model in fp32, and the inputs every path gets."""
 
@@ -100,7 +93,7 @@ class Reference:
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-        from .checkpoint import load_checkpoint
+        from llavao1_models.checkpoint import load_checkpoint
 
         self.ckpt = load_checkpoint(model_dir)  # clear errors for broken folders
         self.torch = torch
@@ -130,8 +123,7 @@ class Reference:
         return self.tok(self.text_prompt, add_special_tokens=False)["input_ids"]
 
     def image_ids(self) -> list[int]:
-        return image_prompt_ids(self.tok, self.ckpt.chat_template, IMAGE_PROMPT, self.model.config.image_token_id,
-                                self.n_image_tokens)
+        return image_prompt_ids(self.tok, self.image_prompt, self.model.config.image_token_id, self.n_image_tokens)
 
     def pixels(self):
         return self.torch.from_numpy(preprocess(self.image, self.image_size, self.mean, self.std))[None]
@@ -175,7 +167,8 @@ def _probe_gguf(ref: Reference, ref_out: dict, text: str, mmproj: str | None, th
 
 
 def _is_quantized(path: str) -> bool:
-    return describe(path).metadata.get("general.file_type", 0) != 0  # 0 = all F32
+    """Anything but F32: thresholds judge F32 files only."""
+    return type_of_file(path) != "F32"
 
 
 def verify(model_dir: str | Path, gguf: str | None = None, mmproj: str | None = None, onnx_dir: str | None = None,
@@ -188,9 +181,7 @@ def verify(model_dir: str | Path, gguf: str | None = None, mmproj: str | None = 
     if gguf:
         paths.append(_compare_gguf(ref, ref_out, gguf, mmproj, threads))
     if onnx_dir:
-        from .onnx_export import verify_onnx
-
-        paths.append(verify_onnx(ref, ref_out, onnx_dir))
+        paths.append(_compare_onnx(ref, ref_out, onnx_dir))
     return VerifyReport(str(model_dir), paths)
 
 
@@ -218,4 +209,27 @@ def _compare_gguf(ref: Reference, ref_out: dict, gguf: str, mmproj: str | None, 
         rep.checks["text_logits<=1e-4"] = rep.text_max_abs_logit <= TEXT_THRESHOLD
     if mmproj and not _is_quantized(mmproj) and ref.model.config.vision_config.model_type != "clip_vision_model":
         rep.checks["image_embd<=5e-3"] = rep.image_rel_embd <= IMAGE_THRESHOLD
+    return rep
+
+
+def _compare_onnx(ref: Reference, ref_out: dict, onnx_dir: str) -> PathReport:
+    from .onnx_export import GRAPHS, OnnxLlava
+
+    runner = OnnxLlava(onnx_dir)
+    quantized = runner.meta["quant"] != "none"
+    rep = PathReport("onnx", [str(Path(onnx_dir) / g) for g in GRAPHS], quantized)
+    text_ids = ref.text_ids()
+    logits, _ = runner.forward(runner.embed_prompt(text_ids, None), None, 0)
+    rep.text_max_abs_logit = float(np.abs(logits[0] - ref_out["text_logits"]).max())
+    cont = runner.generate(text_ids, None, len(ref_out["text_cont"]), eos_token_id=-1)
+    rep.text_top1_agreement = float(np.mean(np.array(cont) == ref_out["text_cont"]))
+    px = ref.pixels().numpy()[0]
+    rep.compare_image_embeddings(runner.image_features(px), ref_out["image_embd"])
+    image_ids = ref.image_ids()
+    ilogits, _ = runner.forward(runner.embed_prompt(image_ids, px), None, 0)
+    rep.image_max_abs_logit = float(np.abs(ilogits[0, -1] - ref_out["image_last_logits"]).max())
+    icont = runner.generate(image_ids, px, len(ref_out["image_cont"]), eos_token_id=-1)
+    rep.image_top1_agreement = float(np.mean(np.array(icont) == ref_out["image_cont"]))
+    if not quantized:
+        rep.checks["onnx_logits<=1e-4"] = max(rep.text_max_abs_logit, rep.image_max_abs_logit) <= ONNX_THRESHOLD
     return rep

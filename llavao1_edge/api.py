@@ -20,6 +20,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .engine import Engine, EngineConfig
+from .formats import is_quantized
 from .images import ImageSource
 from .search import Event, SearchConfig, SearchResult, run_search, search_events
 
@@ -39,8 +40,8 @@ def shipped_model_paths(name: str = DEFAULT_MODEL) -> tuple[Path, Path]:
     if not texts or not projs:
         raise ModelNotFound(f"no shipped model {name!r} in {folder}; pass --model TEXT.gguf --mmproj MMPROJ.gguf "
                             "(this build of llavao1-edge ships no default model yet)")
-    preferred = [p for p in texts if "f16" not in p.name.lower()] or texts  # the quantized file; F16 is its source
-    return preferred[0], projs[0]
+    quantized = [p for p in texts if is_quantized(p)]  # the quantized file; F16 is its source
+    return (quantized or texts)[0], projs[0]
 
 
 def _search_config(config: SearchConfig | None, overrides: dict) -> SearchConfig:

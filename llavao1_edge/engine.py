@@ -16,12 +16,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .images import ImageSource, load_image
-from .modelfile import ModelFileError, check_model_pair, has_stage_format
+from .modelfile import ModelFileError, chat_template, check_model_pair, has_stage_format
 
 
 @dataclass
@@ -52,7 +54,8 @@ _backend_ready = False
 _log_callbacks: list = []  # ctypes callbacks must outlive every call into llama.cpp
 
 
-def _init_backend(verbose: bool) -> None:
+def init_backend(verbose: bool = False) -> None:
+    """Initialise llama.cpp once per process; unless verbose, silence its logs."""
     global _backend_ready
     import llama_cpp as L
     import llama_cpp.mtmd_cpp as M
@@ -67,6 +70,22 @@ def _init_backend(verbose: bool) -> None:
             L.llama_log_set(quiet, None)
             M.mtmd_log_set(quiet, None)
             M.mtmd_helper_log_set(quiet, None)
+
+
+@contextmanager
+def captured_llama_log() -> Iterator[list[str]]:
+    """llama.cpp's log lines while the block runs (the log is process-wide: one block at a time)."""
+    import llama_cpp as L
+
+    init_backend()
+    lines: list[str] = []
+    with _backend_lock:
+        capture = L.llama_log_callback(lambda level, text, user: lines.append(text.decode("utf-8", "replace")))
+        L.llama_log_set(capture, None)
+        try:
+            yield lines
+        finally:
+            L.llama_log_set(_log_callbacks[0] if _log_callbacks else None, None)
 
 
 def cpu_has_amx() -> bool:
@@ -163,10 +182,9 @@ class Engine:
         self.model_path, self.mmproj_path = str(model), (str(mmproj) if mmproj else None)
         reader = check_model_pair(model, mmproj)  # raises ModelFileError on anything llama.cpp may abort on
         self.stage_format = has_stage_format(reader)
-        self.chat_template = reader.fields["tokenizer.chat_template"].contents() \
-            if "tokenizer.chat_template" in reader.fields else None
+        self.chat_template = chat_template(reader)
         del reader
-        _init_backend(cfg.verbose)
+        init_backend(cfg.verbose)
         self._L = L
         self._model = self._ctx = self._mctx = None
         self._batch = None
@@ -468,11 +486,6 @@ class Engine:
     def forget_seq0(self) -> None:
         """Sequence 0 is about to change outside eval_prompt: prefix reuse must not trust it."""
         self._seq0_keys, self._seq0_logits = [], None
-
-    def commit_seq0(self, keys_added: list, pos: int, logits: np.ndarray) -> None:
-        """Record tokens appended to sequence 0 by generation, so a follow-up prompt can reuse them."""
-        self._seq0_keys += keys_added
-        self._seq0_pos, self._seq0_logits = pos, logits.copy()
 
     # -- sequences and decoding ------------------------------------------------------------------
 

@@ -12,7 +12,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gguf import MODEL_TENSOR, Keys
+
 from . import gguf_keys as K
+from .gguf_keys import tensor_name
 
 GGUF_MAGIC = b"GGUF"
 
@@ -95,15 +98,15 @@ def _tensor_shape(reader, name: str) -> list[int] | None:
 def check_text_model(path: str | os.PathLike):
     """Validate a text-model GGUF; returns the open reader."""
     reader, p, _ = _read(path)
-    arch = _value(reader, K.ARCHITECTURE)
+    arch = _value(reader, Keys.General.ARCHITECTURE)
     if arch is None:
-        raise ModelFileError(f"{p}: missing {K.ARCHITECTURE}")
+        raise ModelFileError(f"{p}: missing {Keys.General.ARCHITECTURE}")
     if arch == K.VISION_ARCHITECTURE:
         raise ModelFileError(f"{p}: this is a vision projector (mmproj) file, not a text model; pass it as --mmproj")
     _check_types(reader, p, K.TEXT_REQUIRED, K.TEXT_OPTIONAL, {"arch": arch})
-    tokens = reader.fields["tokenizer.ggml.tokens"]
+    tokens = reader.fields[Keys.Tokenizer.LIST]
     n_vocab = len(tokens.data)
-    emb = _tensor_shape(reader, "token_embd.weight")
+    emb = _tensor_shape(reader, tensor_name(MODEL_TENSOR.TOKEN_EMBD))
     if emb is not None and emb[1] != n_vocab:
         raise ModelFileError(f"{p}: {n_vocab} tokens in the vocabulary but token_embd has {emb[1]} rows")
     if len(set(tokens.contents())) != n_vocab:
@@ -114,37 +117,44 @@ def check_text_model(path: str | os.PathLike):
 def check_projector(path: str | os.PathLike, text_width: int | None = None):
     """Validate an mmproj GGUF, and that its output width matches the text model's."""
     reader, p, _ = _read(path)
-    arch = _value(reader, K.ARCHITECTURE)
+    arch = _value(reader, Keys.General.ARCHITECTURE)
     if arch != K.VISION_ARCHITECTURE:
         raise ModelFileError(f"{p}: not a vision projector (general.architecture is {arch!r}, expected 'clip')")
-    if not _value(reader, K.CLIP_HAS_VISION):
-        raise ModelFileError(f"{p}: has no vision encoder ({K.CLIP_HAS_VISION} is not true)")
-    ptype = _value(reader, K.CLIP_PROJECTOR_TYPE) or _value(reader, "clip.vision.projector_type")
+    if not _value(reader, Keys.Clip.HAS_VISION_ENCODER):
+        raise ModelFileError(f"{p}: has no vision encoder ({Keys.Clip.HAS_VISION_ENCODER} is not true)")
+    ptype = projector_type(reader)
     if ptype in K.CLIP_PROJECTOR_TYPES:
         _check_types(reader, p, K.CLIP_REQUIRED, K.CLIP_OPTIONAL, {})
     else:  # other families (Qwen2-VL, Gemma 3, ...): check the types of the keys that are there
         _check_types(reader, p, {}, {**K.CLIP_REQUIRED, **K.CLIP_OPTIONAL}, {})
-    for key in (K.CLIP_MEAN, K.CLIP_STD):
+    for key in (Keys.ClipVision.IMAGE_MEAN, Keys.ClipVision.IMAGE_STD):
         v = _value(reader, key)
         if v is not None and len(v) != 3:
             raise ModelFileError(f"{p}: {key} must hold 3 values, has {len(v)}")
     out_width = None
     if ptype == "mlp":
-        for name in ("mm.0.weight", "mm.2.weight", "v.patch_embd.weight", "v.position_embd.weight"):
+        mm2 = tensor_name(MODEL_TENSOR.V_MMPROJ, 2)
+        for name in (tensor_name(MODEL_TENSOR.V_MMPROJ, 0), mm2, tensor_name(MODEL_TENSOR.V_ENC_EMBD_PATCH),
+                     tensor_name(MODEL_TENSOR.V_ENC_EMBD_POS)):
             if _tensor_shape(reader, name) is None:  # a missing mm.2 segfaults inside mtmd
                 raise ModelFileError(f"{p}: tensor {name} is missing")
-        out_width = _tensor_shape(reader, "mm.2.weight")[1]
-    elif _value(reader, K.CLIP_PROJECTION_DIM) is not None:
-        out_width = int(_value(reader, K.CLIP_PROJECTION_DIM))
+        out_width = _tensor_shape(reader, mm2)[1]
+    elif _value(reader, Keys.ClipVision.PROJECTION_DIM) is not None:
+        out_width = int(_value(reader, Keys.ClipVision.PROJECTION_DIM))
     if text_width is not None and out_width is not None and out_width != text_width:
         raise ModelFileError(f"{p}: projector output width {out_width} does not match the text model's "
                              f"width {text_width}; these files do not belong together")
     return reader
 
 
+def projector_type(reader) -> str | None:
+    """The projector type of an mmproj (older files name it under clip.vision)."""
+    return _value(reader, Keys.Clip.PROJECTOR_TYPE) or _value(reader, Keys.ClipVision.PROJECTOR_TYPE)
+
+
 def text_width(reader) -> int:
-    arch = _value(reader, K.ARCHITECTURE)
-    return int(_value(reader, f"{arch}.embedding_length"))
+    arch = _value(reader, Keys.General.ARCHITECTURE)
+    return int(_value(reader, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)))
 
 
 def check_model_pair(model: str | os.PathLike, mmproj: str | os.PathLike | None):
@@ -155,6 +165,10 @@ def check_model_pair(model: str | os.PathLike, mmproj: str | os.PathLike | None)
     return reader
 
 
+def chat_template(reader) -> str | None:
+    return _value(reader, Keys.Tokenizer.CHAT_TEMPLATE)
+
+
 def has_stage_format(reader) -> bool:
     return _value(reader, K.STAGE_FORMAT) == K.STAGE_FORMAT_VALUE
 
@@ -162,7 +176,7 @@ def has_stage_format(reader) -> bool:
 def describe(path: str | os.PathLike) -> ModelInfo:
     """Architecture, sizes, tensor types and metadata of any GGUF file (validated first)."""
     reader, p, size = _read(path)
-    arch = _value(reader, K.ARCHITECTURE) or "unknown"
+    arch = _value(reader, Keys.General.ARCHITECTURE) or "unknown"
     if arch == K.VISION_ARCHITECTURE:
         check_projector(p)
     else:
@@ -176,19 +190,19 @@ def describe(path: str | os.PathLike) -> ModelInfo:
         params[t.tensor_type.name] += n
         n_params += n
     facts: dict[str, object] = {}
-    prefix = "clip.vision." if arch == K.VISION_ARCHITECTURE else f"{arch}."
+    prefix = K.VISION_PREFIX if arch == K.VISION_ARCHITECTURE else f"{arch}."
     for key in reader.fields:
         if key.startswith(prefix):
             value = _value(reader, key)
             if not (isinstance(value, list) and len(value) > 16):  # no token lists in a summary
                 facts[key[len(prefix):]] = value
     if arch == K.VISION_ARCHITECTURE:
-        facts["projector_type"] = _value(reader, K.CLIP_PROJECTOR_TYPE)
+        facts["projector_type"] = projector_type(reader)
     else:
-        facts["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
-        facts["tokenizer"] = _value(reader, "tokenizer.ggml.model")
+        facts["vocab_size"] = len(reader.fields[Keys.Tokenizer.LIST].data)
+        facts["tokenizer"] = _value(reader, Keys.Tokenizer.MODEL)
     meta = {k: _value(reader, k) for k in reader.fields
-            if (k.startswith("general.") or k.startswith("llavao1.")) and k != K.ARCHITECTURE}
-    return ModelInfo(str(p), arch, str(_value(reader, K.NAME) or p.stem), size, len(reader.tensors), n_params,
+            if k.split(".")[0] in ("general", "llavao1") and k != Keys.General.ARCHITECTURE}
+    return ModelInfo(str(p), arch, str(_value(reader, Keys.General.NAME) or p.stem), size, len(reader.tensors), n_params,
                      dict(types), dict(params), facts, has_stage_format(reader),
-                     _value(reader, K.CHAT_TEMPLATE), meta)
+                     chat_template(reader), meta)

@@ -16,8 +16,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def shapes_texts(tmp_path_factory) -> list[str]:
-    from llavao1_edge.records import read_records
-    from llavao1_train.shapes import ShapesConfig, write_dataset
+    from llavao1_data.records import read_records
+    from llavao1_data.shapes import ShapesConfig, write_dataset
 
     out = tmp_path_factory.mktemp("tok-data") / "d"
     write_dataset(ShapesConfig(n=48, seed=99), out, progress=False)
@@ -66,7 +66,8 @@ def spm_tokenizer(shapes_texts):
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, tiny_tokenizer):
-    from llavao1_train.model import build_model, get_spec, save_checkpoint
+    from llavao1_models.llava import build_model, save_checkpoint
+    from llavao1_train.specs import get_spec
 
     made: dict[str, Path] = {}
 
@@ -93,8 +94,8 @@ class Trained:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Trained:
+    from llavao1_data.shapes import ShapesConfig, write_dataset
     from llavao1_export.gguf_convert import convert_to_gguf
-    from llavao1_train.shapes import ShapesConfig, write_dataset
     from llavao1_train.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")

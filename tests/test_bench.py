@@ -12,10 +12,10 @@ from llavao1_bench.common import BenchError, load_items, parse_search, search_la
 from llavao1_bench.compare import compare_reports, load_accuracy, mcnemar_exact
 from llavao1_bench.paper_search import PaperStyleSearch
 from llavao1_bench.plots import pareto_front
+from llavao1_data.records import read_records
+from llavao1_data.shapes import ShapesConfig, write_dataset
 from llavao1_edge.api import Reasoner
-from llavao1_edge.records import read_records
 from llavao1_edge.search import SearchConfig
-from llavao1_train.shapes import ShapesConfig, write_dataset
 
 
 def _model_args(trained):
@@ -107,28 +107,6 @@ def test_accuracy_counts_answers_lost_to_a_misquoted_option(tmp_path):
     assert report.correct == len(items) - len(lost)
     assert report.option_steps == {"walks": len(items), "misquoted": len(lost), "lost_by_misquote": len(lost)}
     assert f"{len(lost)} wrong answers had settled on the right value" in report.table()
-
-
-def test_option_copy_probes_option_a_by_kind(trained, tmp_path, capsys):
-    from llavao1_bench.option_copy import WALK_START, option_kind
-
-    assert (option_kind("purple"), option_kind("3"), option_kind("circle")) == ("colour", "number", "word")
-    write_dataset(ShapesConfig(n=20, seed=4, kinds=("cot", "option"), mc_step="check",
-                               families=("attribute", "count_color")), tmp_path, progress=False)
-    drills = [r for r in read_records(tmp_path / "records.jsonl") if r.meta["kind"] == "option"]
-    assert drills and all(r.answer.startswith(WALK_START) for r in drills)  # what the probe cuts at
-    assert bench_main(["option-copy", *_model_args(trained), "--data", str(tmp_path / "records.jsonl"),
-                       "--limit", "8", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    probed = doc["probs"]["drills"]
-    assert sum(len(p) for p in probed.values()) == min(8, len(drills)) and set(probed) <= {"colour", "number", "word"}
-    assert all(0.0 <= x <= 1.0 for p in probed.values() for x in p)
-    # every line of each drill's walk is probed; line A is the option-A probe itself
-    walk_lines = sum(d.answer.count("\n") - 1 for d in drills[:8])  # "Checking...", lines, "The answer is option X."
-    assert sum(v["n"] for letters in doc["lines"].values() for v in letters.values()) == walk_lines
-    assert {k: v["A"]["n"] for k, v in doc["lines"].items()} == {k: len(p) for k, p in probed.items()}
-    assert doc["no_walk"] + sum(len(p) for p in doc["probs"].get("answers", {}).values()) >= 1  # answers were tried
-    assert bench_main(["option-copy", *_model_args(trained), "--data", str(tmp_path / "x.jsonl")]) == 1
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
@@ -332,38 +310,3 @@ def test_batching_reports_step_cost_per_row_count(trained, tmp_path, capsys):
                        "--prefix", "16", "--steps", "4", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert "random-llama-128x2" in doc["model"] and [r["rows"] for r in doc["rows"]] == [1, 2]
-
-
-def test_colour_counts_every_caption_colour_word_and_probes_both_places(trained, capsys):
-    import re
-
-    from llavao1_edge.records import read_records
-
-    records = trained.data / "records.jsonl"
-    assert bench_main(["colour", "--model", str(trained.hf), "--data", str(records), "--probe-images", "12",
-                       "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
-    cots = [r for r in read_records(records) if r.meta["kind"] == "cot"]
-    colour_words = r"\b(red|green|blue|yellow|purple|orange)\b"
-    expected = sum(len(re.findall(colour_words, r.answer.split("<CAPTION>")[1].split("</CAPTION>")[0])) for r in cots)
-    assert rep["questions"] == len(cots) and rep["plain_slots"] + rep["named_slots"] == expected > 0
-    assert rep["named_slots"] > 0  # count_color questions name a colour
-    assert 0 <= rep["named_copied"] <= rep["named_other"] <= rep["named_slots"]
-    assert rep["swapped_follow"] <= rep["named_slots"] and rep["plain_right"] <= rep["plain_slots"]
-    assert rep["scan_yes"] == rep["scan_no"] == 0  # list-style reasoning has no scan decisions
-    for where in ("tower", "projector"):
-        assert set(rep["probe"][where]) == {"colour_acc", "shape_acc", "colour_spread", "shape_spread"}
-        assert 0.0 <= rep["probe"][where]["colour_acc"] <= 1.0 and rep["probe"][where]["colour_spread"] > 0
-    # scan-style records: every "? yes" / "? no" after the caption is one decision
-    from llavao1_train.shapes import ShapesConfig, write_dataset
-
-    scan = write_dataset(ShapesConfig(n=16, seed=5003, split="eval", kinds=("cot",), reasoning_style="scan"),
-                       trained.data.parent / "scan-eval", progress=False)
-    assert bench_main(["colour", "--model", str(trained.hf), "--data", str(scan), "--probe-images", "8", "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
-    steps = [re.findall(r"\? (yes|no)", r.answer.split("</CAPTION>")[1]) for r in read_records(scan)]
-    assert rep["scan_yes"] == sum(s.count("yes") for s in steps) > 0
-    assert rep["scan_no"] == sum(s.count("no") for s in steps) > 0
-    assert rep["scan_yes_right"] <= rep["scan_yes"] and rep["scan_no_right"] <= rep["scan_no"]
-    assert bench_main(["colour", "--model", str(trained.hf), "--data", str(trained.data / "missing.jsonl")]) == 1
-    assert "missing.jsonl" in capsys.readouterr().err

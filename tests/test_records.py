@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from llavao1_edge.records import (
+from llavao1_data.records import (
     MCQuestion,
     Record,
     RecordError,

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llavao1_data.records import read_records
 from llavao1_edge import api, cli
 from llavao1_edge.engine import Engine, EngineConfig, EngineError
 from llavao1_edge.images import ImageError, load_image
 from llavao1_edge.judge import parse_pairwise_verdict
 from llavao1_edge.modelfile import ModelFileError
-from llavao1_edge.records import read_records
 from llavao1_edge.search import SearchConfig, run_search, search_events
 from llavao1_edge.stages import STAGE_NAMES
-from llavao1_train.model import get_spec
+from llavao1_train.specs import get_spec
 
 
 @pytest.fixture(scope="module")

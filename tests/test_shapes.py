@@ -9,12 +9,10 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from llavao1_edge.judge import parse_pairwise_verdict, parse_reasoning_check
-from llavao1_edge.records import mc_prompt, read_records, read_tsv
-from llavao1_edge.stages import parse_answer
-from llavao1_train.data_cli import main as data_main
-from llavao1_train.data_cli import validate_file
-from llavao1_train.shapes import (
+from llavao1_data.cli import main as data_main
+from llavao1_data.cli import validate_file
+from llavao1_data.records import mc_prompt, read_records, read_tsv
+from llavao1_data.shapes import (
     FAMILIES,
     ShapesConfig,
     build_examples,
@@ -22,8 +20,10 @@ from llavao1_train.shapes import (
     render_scene,
     write_dataset,
 )
-from llavao1_train.shapes.questions import SPATIAL_MARGIN
-from llavao1_train.shapes.scene import COLORS, SHAPES
+from llavao1_data.shapes.questions import SPATIAL_MARGIN
+from llavao1_data.shapes.scene import COLORS, SHAPES
+from llavao1_edge.judge import parse_pairwise_verdict, parse_reasoning_check
+from llavao1_edge.stages import parse_answer
 
 
 def independent_answer(family: str, spec: dict, objects: list[dict]) -> str:
@@ -227,14 +227,14 @@ def test_print_config(capsys):
 
 
 def test_console_script_installed(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "llavao1_train.data_cli", "shapes", "--out", str(tmp_path / "s"),
+    out = subprocess.run([sys.executable, "-m", "llavao1_data.cli", "shapes", "--out", str(tmp_path / "s"),
                           "--n", "3", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
 def test_caption_check_reads_the_caption_wording():
-    from llavao1_train.shapes.questions import caption_check, caption_text
-    from llavao1_train.shapes.scene import generate_scene
+    from llavao1_data.shapes.questions import caption_check, caption_text
+    from llavao1_data.shapes.scene import generate_scene
 
     scene = generate_scene(random.Random(4), n_objects=5)
     objs = scene.to_json()
@@ -252,7 +252,7 @@ def test_caption_check_reads_the_caption_wording():
 
 
 def test_option_walk_check_finds_an_option_misquoted():
-    from llavao1_train.shapes.questions import option_step, option_walk_check
+    from llavao1_data.shapes.questions import option_step, option_walk_check
 
     choices = {"A": "yellow", "B": "blue", "C": "purple", "D": "green"}
     step, letter = option_step("purple", choices, "check")
@@ -265,7 +265,7 @@ def test_option_walk_check_finds_an_option_misquoted():
 
 
 def test_caption_check_pairs_objects_to_name_what_is_wrong():
-    from llavao1_train.shapes.questions import caption_check
+    from llavao1_data.shapes.questions import caption_check
 
     scene = [{"size": "small", "color": "red", "shape": "circle"}, {"size": "large", "color": "blue", "shape": "square"},
              {"size": "small", "color": "green", "shape": "triangle"}]
@@ -286,8 +286,8 @@ def test_caption_check_pairs_objects_to_name_what_is_wrong():
 
 
 def test_caption_order_regions_walks_the_grid_and_reasoning_lists_in_the_same_order():
-    from llavao1_train.shapes.questions import caption_text, select
-    from llavao1_train.shapes.scene import REGIONS, Scene, ShapeObject
+    from llavao1_data.shapes.questions import caption_text, select
+    from llavao1_data.shapes.scene import REGIONS, Scene, ShapeObject
 
     # Two objects share the top left (listed left to right), one sits at the bottom left, one at the
     # top right; the scene itself is stored left to right.
@@ -322,8 +322,8 @@ def test_caption_order_reaches_the_records(tmp_path):
 
 
 def test_mc_step_check_lists_the_options_as_the_question_does_and_stops_at_the_match(tmp_path):
-    from llavao1_train.shapes.questions import render_stages
-    from llavao1_train.shapes.scene import Scene, ShapeObject
+    from llavao1_data.shapes.questions import render_stages
+    from llavao1_data.shapes.scene import Scene, ShapeObject
 
     scene = Scene((ShapeObject("red", "circle", "small", 0.2, 0.5), ShapeObject("blue", "square", "large", 0.7, 0.5)))
     choices = {"A": "3", "B": "2", "C": "1", "D": "4"}
@@ -360,8 +360,8 @@ def test_mc_step_reaches_records_and_judge_examples_but_not_the_questions(tmp_pa
 
 
 def test_reasoning_style_scan_walks_the_caption_in_order_with_a_running_count():
-    from llavao1_train.shapes.questions import caption_text, render_stages
-    from llavao1_train.shapes.scene import Scene, ShapeObject
+    from llavao1_data.shapes.questions import caption_text, render_stages
+    from llavao1_data.shapes.scene import Scene, ShapeObject
 
     scene = Scene((ShapeObject("red", "circle", "small", 0.1, 0.5), ShapeObject("blue", "square", "large", 0.4, 0.2),
                    ShapeObject("red", "square", "large", 0.8, 0.8)))
@@ -390,8 +390,8 @@ def test_reasoning_style_scan_walks_the_caption_in_order_with_a_running_count():
 
 
 def test_reasoning_style_read_states_each_objects_own_value_before_the_check():
-    from llavao1_train.shapes.questions import render_stages
-    from llavao1_train.shapes.scene import Scene, ShapeObject
+    from llavao1_data.shapes.questions import render_stages
+    from llavao1_data.shapes.scene import Scene, ShapeObject
 
     scene = Scene((ShapeObject("red", "circle", "small", 0.1, 0.5), ShapeObject("blue", "square", "large", 0.4, 0.2),
                    ShapeObject("red", "square", "large", 0.8, 0.8)))
@@ -515,7 +515,7 @@ def test_reasoning_drill_gives_summary_and_caption_and_asks_for_the_rest(tmp_pat
 
 
 def test_reasoning_check_counts_the_objects_taken_from_the_caption():
-    from llavao1_train.shapes.questions import reasoning_check
+    from llavao1_data.shapes.questions import reasoning_check
 
     named = checked = 0
     for ex in build_examples(ShapesConfig(n=120, seed=8)):  # the reference answers take every object from the caption

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llavao1_edge.records import read_records
+from llavao1_data.records import read_records
+from llavao1_data.shapes import ShapesConfig, write_dataset
 from llavao1_edge.stages import parse_answer
 from llavao1_train.cli import main as train_main
 from llavao1_train.data import IGNORE, ImageSpec, collate, pixels_for, tokenize_record
-from llavao1_train.model import get_spec
-from llavao1_train.shapes import ShapesConfig, write_dataset
+from llavao1_train.specs import get_spec
 from llavao1_train.tokenizer import EOS
 
 

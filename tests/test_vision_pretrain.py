@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llavao1_data.records import read_records
+from llavao1_data.shapes import ShapesConfig, write_dataset
+from llavao1_data.shapes.scene import BACKGROUND, COLORS
 from llavao1_edge.images import load_image, preprocess
-from llavao1_edge.records import read_records
 from llavao1_train.cli import main as train_main
-from llavao1_train.shapes import ShapesConfig, write_dataset
-from llavao1_train.shapes.scene import BACKGROUND, COLORS
 from llavao1_train.vision_pretrain import _COLORS, _flip, scene_targets
 
 

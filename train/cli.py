@@ -21,7 +21,7 @@ from llavao1_edge.extras import require_extra, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .model import MODEL_SPECS
+    from .specs import MODEL_SPECS
 
     p = argparse.ArgumentParser(prog="llavao1-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))
         return 0
-    from llavao1_edge.records import RecordError
+    from llavao1_data.records import RecordError
 
     def body() -> int:
         print(f"wrote {train(cfg)}")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llavao1_data.records import IMAGE_TOKEN, Record, RecordError, record_from_json
 from llavao1_edge.images import ImageError, load_image, preprocess
-from llavao1_edge.records import IMAGE_TOKEN, Record, RecordError, record_from_json
 
 IGNORE = -100
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from llavao1_edge.records import IMAGE_TOKEN
+from llavao1_data.records import IMAGE_TOKEN
 from llavao1_edge.stages import STAGES
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"

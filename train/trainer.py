@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llavao1_data.records import IMAGE_TOKEN
 from llavao1_edge.answers import is_correct
 from llavao1_edge.images import ImageError
-from llavao1_edge.records import IMAGE_TOKEN
 from llavao1_edge.stages import parse_answer
+from llavao1_models.checkpoint import looks_like_hub_id, read_image_stats
+from llavao1_models.llava import build_model, image_token_count, save_checkpoint
 
 from .data import (
     BadExample,
@@ -34,14 +36,7 @@ from .data import (
     read_records_tolerant,
     tokenize_record,
 )
-from .model import (
-    build_model,
-    get_spec,
-    image_token_count,
-    looks_like_hub_id,
-    read_image_stats,
-    save_checkpoint,
-)
+from .specs import get_spec
 from .tokenizer import train_tokenizer
 from .vision_pretrain import VisionPretrainConfig, pretrain_vision
 

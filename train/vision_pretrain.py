@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from llavao1_data.shapes.scene import COLORS, MAX_OBJECTS, SHAPES, SIZES
 from llavao1_edge.images import load_image, preprocess
 
 from .data import ImageSpec
-from .shapes.scene import COLORS, MAX_OBJECTS, SHAPES, SIZES
 
 _COLORS, _SIZES = list(COLORS), list(SIZES)
 

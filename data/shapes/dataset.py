@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llavao1_edge.records import (
+from llavao1_edge.stages import STAGE_SEPARATOR, render_answer, render_stage
+
+from ..records import (
     IMAGE_TOKEN,
     MCQuestion,
     Record,
@@ -25,8 +27,6 @@ from llavao1_edge.records import (
     write_records,
     write_tsv,
 )
-from llavao1_edge.stages import STAGE_SEPARATOR, render_answer, render_stage
-
 from .judge_examples import judge_examples
 from .questions import (
     FAMILIES,

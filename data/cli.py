@@ -17,9 +17,9 @@ from collections import Counter
 from dataclasses import asdict
 
 from llavao1_edge.extras import run_guarded
-from llavao1_edge.records import RecordError, read_records, read_tsv
 from llavao1_edge.stages import parse_answer
 
+from .records import RecordError, read_records, read_tsv
 from .shapes.dataset import FORMATS, KINDS, SPLITS, ShapesConfig, merge_datasets, write_dataset
 from .shapes.questions import FAMILIES, MC_STEPS, REASONING_STYLES
 from .shapes.scene import CAPTION_ORDERS

@@ -13,8 +13,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from llavao1_edge.records import mc_prompt
-
+from ..records import mc_prompt
 from .scene import COLORS, REGIONS, SHAPES, SIZES, Scene, ShapeObject
 
 FAMILIES: tuple[str, ...] = (

@@ -1,7 +1,7 @@
-"""Reading a local Hugging Face LLaVA checkpoint: config, safetensors, tokenizer, processor.
+"""A local Hugging Face checkpoint folder: config, weights as numpy, tokenizer files, processor statistics.
 
-Every problem is an ExportError with one line naming the file and what is wrong; nothing is
-downloaded (a hub id gets a message that the weights must be on disk).
+Every problem is a CheckpointError naming the file and what is wrong; nothing is downloaded (a hub id
+gets a message that the weights must be on disk).
 """
 
 from __future__ import annotations
@@ -10,18 +10,38 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llavao1_train.model import looks_like_hub_id, read_image_stats
-
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
-SUPPORTED_TEXT = ("llama", "mistral")
-SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
+if TYPE_CHECKING:
+    from .family import Family
 
 
-class ExportError(ValueError):
-    """A checkpoint or file that cannot be exported; the message says which and why."""
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used; the message says which and why."""
+
+
+
+
+def read_image_stats(folder: str | Path) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) from a checkpoint's processor config, or None when there is none."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                cfg = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg and "image_std" in cfg:
+                return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
+    return None
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'org/model': what users pass when they expect a download (training and export never download)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 @dataclass
@@ -35,6 +55,7 @@ class Checkpoint:
     image_mean: list[float]
     image_std: list[float]
     sha256: str  # of the safetensors files, in name order
+    family: Family | None = None  # what models.family says this checkpoint is
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -52,11 +73,11 @@ class Checkpoint:
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise ExportError(f"{path}: missing ({what})")
+        raise CheckpointError(f"{path}: missing ({what})")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def _safetensors_files(root: Path) -> list[Path]:
@@ -69,10 +90,10 @@ def _safetensors_files(root: Path) -> list[Path]:
     if not files:
         bins = list(root.glob("*.bin")) + list(root.glob("*.pt"))
         hint = " (only pickle .bin/.pt weights found; re-save with safe_serialization=True)" if bins else ""
-        raise ExportError(f"{root}: no .safetensors weights{hint}")
+        raise CheckpointError(f"{root}: no .safetensors weights{hint}")
     for f in files:
         if not f.is_file():
-            raise ExportError(f"{f}: missing weight shard named in the index")
+            raise CheckpointError(f"{f}: missing weight shard named in the index")
     return files
 
 
@@ -107,33 +128,24 @@ def _load_tensors(files: list[Path]) -> tuple[dict[str, np.ndarray], str]:
                 for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensors[canonical_name(key)] = st.get_tensor(key).to(torch.float32).numpy()
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise ExportError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
     return tensors, digest.hexdigest()
 
 
-def load_checkpoint(model_dir: str | Path) -> Checkpoint:
+def load_checkpoint(model_dir: str | Path, family=None) -> Checkpoint:
+    """Read a checkpoint folder whose config.json names a supported family (models.family)."""
+    from .family import family_for
+
     root = Path(model_dir)
     if not root.exists():
         if looks_like_hub_id(str(model_dir)):
-            raise ExportError(f"{model_dir}: looks like a hub id; download the weights to a folder first "
-                              "(llavao1-edge never downloads at run time)")
-        raise ExportError(f"{root}: no such folder")
+            raise CheckpointError(f"{model_dir}: looks like a hub id; download the weights to a folder first "
+                                  "(llavao1-edge never downloads checkpoints)")
+        raise CheckpointError(f"{root}: no such folder")
     if not root.is_dir():
-        raise ExportError(f"{root}: not a folder (expected a Hugging Face checkpoint folder)")
+        raise CheckpointError(f"{root}: not a folder (expected a Hugging Face checkpoint folder)")
     config = _read_json(root / "config.json", "model config")
-    archs = config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ExportError(f"{root / 'config.json'}: architecture {archs or 'unknown'} is not supported; "
-                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} with {'/'.join(SUPPORTED_TEXT)} "
-                          f"decoders and {'/'.join(SUPPORTED_VISION)} towers")
-    text_type = config.get("text_config", {}).get("model_type")
-    vision_type = config.get("vision_config", {}).get("model_type")
-    if text_type not in SUPPORTED_TEXT:
-        raise ExportError(f"{root / 'config.json'}: text decoder {text_type!r} is not supported; "
-                          f"supported: {', '.join(SUPPORTED_TEXT)}")
-    if vision_type not in SUPPORTED_VISION:
-        raise ExportError(f"{root / 'config.json'}: vision tower {vision_type!r} is not supported; "
-                          f"supported: {', '.join(SUPPORTED_VISION)}")
+    fam = family or family_for(config, root / "config.json")
     tokenizer = _read_json(root / "tokenizer.json", "fast tokenizer")
     tok_cfg_path = root / "tokenizer_config.json"
     tokenizer_config = _read_json(tok_cfg_path, "tokenizer config") if tok_cfg_path.is_file() else {}
@@ -142,12 +154,9 @@ def load_checkpoint(model_dir: str | Path) -> Checkpoint:
         tokenizer_config.get("chat_template")
     stats = read_image_stats(root)
     if stats is None:
-        raise ExportError(f"{root}: no preprocessor_config.json or processor_config.json with image_mean/image_std")
+        raise CheckpointError(f"{root}: no preprocessor_config.json or processor_config.json with image_mean/image_std")
     mean, std = stats
     tensors, sha = _load_tensors(_safetensors_files(root))
-    ckpt = Checkpoint(root, config, tensors, tokenizer, tokenizer_config, chat_template, mean, std, sha)
-    if vision_type == "clip_vision_model":
-        ckpt.warnings.append(
-            "CLIP tower with a CLS token: llama.cpp 0.3.36 places CLS after the patches while positions "
-            "assume it first (llama.cpp issue #25814); image embeddings will differ, and verify will show it")
+    ckpt = Checkpoint(root, config, tensors, tokenizer, tokenizer_config, chat_template, mean, std, sha, fam)
+    ckpt.warnings += fam.warnings(ckpt)
     return ckpt
