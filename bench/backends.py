@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from llavao1_edge.images import load_image, preprocess
+from llavao1_edge.options import EngineConfig, SearchConfig
 from llavao1_edge.prompting import render_user_turn
-from llavao1_edge.search import SearchConfig
 from llavao1_models.llava import image_prompt_ids, image_token_count
 
 from .accuracy import Answer
@@ -17,11 +17,11 @@ from .common import BenchItem
 class GGUFBackend:
     name = "gguf"
 
-    def __init__(self, model: str, mmproj: str, threads: int = 0, n_ctx: int = 4096, flash_attn: bool | None = None):
+    def __init__(self, model: str, mmproj: str, config: EngineConfig | None = None):
         from llavao1_edge.api import Reasoner
 
         self.model, self.mmproj = model, mmproj
-        self.reasoner = Reasoner(model, mmproj, n_threads=threads, n_ctx=n_ctx, n_seq_max=17, flash_attn=flash_attn)
+        self.reasoner = Reasoner(model, mmproj, config or EngineConfig(n_seq_max=17))
 
     def answer(self, item: BenchItem, cfg: SearchConfig) -> Answer:
         t0 = time.perf_counter()

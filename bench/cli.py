@@ -20,12 +20,10 @@ import os
 import sys
 import tempfile
 
-from llavao1_edge.engine import FLASH_ATTN
+from llavao1_edge.cli import ENGINE_FLAGS
 from llavao1_edge.extras import require_extra, run_guarded
-
-SEARCH_HELP = ("greedy | stage:N | best-of-n:N | sentence:N, then :judge|:logprob|:vote, then +greedy (candidate 1 "
-               "decoded greedily), +swap (the judge asked both orders), +nocheck (no correctness check of the "
-               "REASONING candidates), +nodraft (verdicts decoded one token a step, no drafts); e.g. stage:4:logprob+greedy")
+from llavao1_edge.options import SPEC_HELP as SEARCH_HELP
+from llavao1_edge.options import EngineConfig, add_arguments, from_args
 
 
 def _csv(s: str) -> tuple[str, ...]:
@@ -40,10 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--model", help="text model GGUF (default: the shipped model)")
         sp.add_argument("--mmproj", help="its projector GGUF")
-        sp.add_argument("--threads", type=int, default=0)
-        sp.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto", help="llama.cpp flash attention")
-        sp.add_argument("--ctx", type=int, default=4096, help="KV cells for prompt, candidates and judges "
-                        "(default %(default)s)")
+        add_arguments(sp, EngineConfig, ENGINE_FLAGS)
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -67,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--random", metavar="WIDTHxLAYERS",
                      help="measure a random-weight Llama of this size instead (e.g. 2048x12, ~0.5 B parameters: "
                      "how a laptop-size model behaves; needs ~2 bytes per parameter of temporary disk)")
-    bat.add_argument("--threads", type=int, default=0)
-    bat.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto", help="llama.cpp flash attention")
+    add_arguments(bat, EngineConfig, ("n_threads", "flash_attn"))
     bat.add_argument("--rows", type=lambda s: tuple(int(x) for x in _csv(s)), default=(1, 2, 4, 8),
                      help="parallel sequences per step (default 1,2,4,8)")
     bat.add_argument("--prefix", type=int, default=256, help="shared prefix tokens (default %(default)s)")
@@ -160,14 +154,17 @@ def _batching(args) -> int:
             like, model = model, os.path.join(tmp, f"random-llama-{width}x{layers}-f16.gguf")
             write_random_llama(model, like, width, layers, ffn=width * 11 // 4 // 256 * 256,
                                heads=max(1, width // 64), kv_heads=max(1, width // 512))
-        with Engine(model, None, cfg.engine_config(args.threads, FLASH_ATTN[args.flash_attn])) as engine:
+        engine_cfg = from_args(EngineConfig, args)
+        with Engine(model, None, cfg.engine_config(engine_cfg.n_threads, engine_cfg.flash_attn)) as engine:
             report = measure_batching(engine, cfg)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
 
 
 def _run(args) -> int:
-    from .common import BenchError, load_items, parse_search
+    from llavao1_edge.options import parse_spec, spec_label
+
+    from .common import BenchError, load_items
 
     progress = False if getattr(args, "quiet", False) else None
     if args.command == "sweep":
@@ -186,19 +183,19 @@ def _run(args) -> int:
         res = compare_reports(load_accuracy(args.a), load_accuracy(args.b))
         print(json.dumps(res.to_json(), indent=2) if args.json else res.table())
         return 0
-    cfg = parse_search(args.search)
+    cfg = parse_spec(args.search)
     model, mmproj = _model_paths(args)
     items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit or 5)
     from .backends import GGUFBackend
 
-    backend = GGUFBackend(model, mmproj, args.threads, n_ctx=args.ctx, flash_attn=FLASH_ATTN[args.flash_attn])
+    backend = GGUFBackend(model, mmproj, from_args(EngineConfig, args, n_seq_max=17))
     try:
         if args.command == "latency":
             from .latency import run_latency
 
             if args.compare_reference and cfg.strategy != "stage":
                 raise BenchError("--compare-reference compares stage search; use --search stage:N")
-            report = run_latency(backend, items, cfg, args.repeats, args.compare_reference, args.search, progress,
+            report = run_latency(backend, items, cfg, args.repeats, args.compare_reference, spec_label(cfg), progress,
                                  compare_greedy=args.compare_greedy)
         else:
             from .accuracy import run_accuracy

@@ -1,4 +1,4 @@
-"""What every bench command shares: question sets, search settings by name, provenance, stats."""
+"""What every bench command shares: question sets, provenance, statistics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llavao1_data.records import RecordError, read_records, read_tsv
-from llavao1_edge.search import SELECTORS, STRATEGIES, SearchConfig
 from llavao1_edge.stages import parse_answer
 
 
@@ -56,50 +55,6 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[BenchI
     if not items:
         raise BenchError(f"{p}: no questions found")
     return items
-
-
-# spec suffix -> (SearchConfig field, value)
-_SEARCH_OPTIONS = {"greedy": ("greedy_candidate", True), "swap": ("judge_both_orders", True),
-                   "nocheck": ("reasoning_check", False), "nodraft": ("draft_verdicts", False)}
-
-
-def parse_search(spec: str) -> SearchConfig:
-    """'greedy', 'stage:4', 'best-of-n:4', 'stage:2:logprob', 'stage:4+greedy+swap' -> a SearchConfig.
-    The selector defaults to judge (the paper's), not to the runtime's default (logprob).
-    Suffixes: +greedy (candidate 1 decoded greedily), +swap (the judge asked both orders), +nocheck (no
-    correctness check of REASONING candidates before their knockout), +nodraft (verdicts one token a step)."""
-    base, *options = spec.strip().split("+")
-    parts = base.split(":")
-    strategy = parts[0]
-    if strategy not in STRATEGIES:
-        raise BenchError(f"search setting {spec!r}: strategy must be one of {', '.join(STRATEGIES)}")
-    # a spec without a selector names the paper's method (the judge), whatever the runtime's default
-    cfg = SearchConfig(strategy=strategy, candidates=1 if strategy == "greedy" else 4, selector="judge")
-    if len(parts) > 1:
-        if not parts[1].isdigit() or int(parts[1]) < 1:
-            raise BenchError(f"search setting {spec!r}: the candidate count must be a positive integer")
-        cfg.candidates = int(parts[1])
-    if len(parts) > 2:
-        if parts[2] not in SELECTORS:
-            raise BenchError(f"search setting {spec!r}: selector must be one of {', '.join(SELECTORS)}")
-        cfg.selector = parts[2]
-    if len(parts) > 3:
-        raise BenchError(f"search setting {spec!r}: expected STRATEGY[:N[:SELECTOR]][+OPTION...]")
-    for opt in options:
-        if opt not in _SEARCH_OPTIONS:
-            raise BenchError(f"search setting {spec!r}: unknown option +{opt}; known: "
-                             + ", ".join(f"+{o}" for o in _SEARCH_OPTIONS))
-        if strategy not in ("stage", "best-of-n"):
-            raise BenchError(f"search setting {spec!r}: +{opt} applies to stage and best-of-n")
-        setattr(cfg, *_SEARCH_OPTIONS[opt])
-    return cfg
-
-
-def search_label(cfg: SearchConfig) -> str:
-    if cfg.strategy == "greedy":
-        return "greedy"
-    return (f"{cfg.strategy}:{cfg.candidates}" + ("" if cfg.selector == "judge" else f":{cfg.selector}")
-            + "".join(f"+{opt}" for opt, (name, value) in _SEARCH_OPTIONS.items() if getattr(cfg, name) == value))
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -184,5 +139,5 @@ def check_model_files(model: str | None, mmproj: str | None) -> None:
             raise BenchError(str(e)) from None
 
 
-__all__ = ["BenchError", "BenchItem", "Provenance", "RecordError", "load_items", "parse_search", "peak_rss_mb",
-           "search_label", "sha256_file", "wilson_interval"]
+__all__ = ["BenchError", "BenchItem", "Provenance", "RecordError", "load_items", "peak_rss_mb", "sha256_file",
+           "wilson_interval"]

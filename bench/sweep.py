@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llavao1_data.records import atomic_text_file
 from llavao1_edge.formats import ONNX_QUANTS, type_of_file
-from llavao1_edge.search import SearchConfig
+from llavao1_edge.options import EngineConfig, SearchConfig, parse_spec, spec_label
 
 from .accuracy import run_accuracy
 from .common import (
@@ -23,8 +23,6 @@ from .common import (
     BenchItem,
     Provenance,
     load_items,
-    parse_search,
-    search_label,
     sha256_file,
     wilson_interval,
 )
@@ -102,8 +100,8 @@ def validate(cfg: SweepConfig) -> Plan:
     searches = {}
     for s in cfg.searches:
         try:
-            searches[s] = parse_search(s)
-        except BenchError as e:
+            searches[s] = parse_spec(s)
+        except ValueError as e:
             problems.append(str(e))
     for q in cfg.onnx_quants:
         if q not in ONNX_QUANTS:
@@ -176,10 +174,10 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
             for scfg in plan.searches.values():
                 jobs.append(("gguf", q, mq, scfg))
     if cfg.hf:
-        jobs += [("onnx", {"none": "fp32"}.get(q, q), None, parse_search("greedy")) for q in cfg.onnx_quants]
-        jobs.append(("transformers", "fp32", None, parse_search("greedy")))
+        jobs += [("onnx", {"none": "fp32"}.get(q, q), None, parse_spec("greedy")) for q in cfg.onnx_quants]
+        jobs.append(("transformers", "fp32", None, parse_spec("greedy")))
     for backend_name, q, mq, scfg in jobs:
-        cell = f"{backend_name}|{q}|{mq or '-'}|{search_label(scfg)}"
+        cell = f"{backend_name}|{q}|{mq or '-'}|{spec_label(scfg)}"
         if cell in done:
             log(f"skip {cell} (done)")
             continue
@@ -189,7 +187,7 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
 
             text = _quantized(text_src, q, models, "text", log)
             proj = _quantized(mmproj_src, mq, models, "mmproj", log)
-            backend = GGUFBackend(str(text), str(proj), cfg.threads)
+            backend = GGUFBackend(str(text), str(proj), EngineConfig(n_threads=cfg.threads, n_seq_max=17))
             files = [text, proj]
         elif backend_name == "onnx":
             from llavao1_export.onnx_export import export_onnx
@@ -217,7 +215,7 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
         acc = run_accuracy(plan.items, answer, cfg.progress)
         backend.close()
         lo, hi = wilson_interval(acc.correct, acc.n)
-        row = {"cell": cell, "backend": backend_name, "quant": q, "mmproj_quant": mq, "search": search_label(scfg),
+        row = {"cell": cell, "backend": backend_name, "quant": q, "mmproj_quant": mq, "search": spec_label(scfg),
                "search_config": asdict(scfg), "accuracy": acc.accuracy, "ci95_low": lo, "ci95_high": hi, "n": acc.n,
                "by_category": acc.by_category,
                **_summarise(answers, scfg),

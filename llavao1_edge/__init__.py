@@ -5,8 +5,7 @@ model is opened.
 """
 
 from .api import Reasoner, shipped_model_paths
-from .engine import EngineConfig
-from .search import SearchConfig, SearchResult
+from .options import EngineConfig, SearchConfig
 from .stages import (
     STAGE_NAMES,
     STAGES,
@@ -15,6 +14,7 @@ from .stages import (
     parse_answer,
     render_answer,
 )
+from .trace import SearchResult
 
 __version__ = "0.1.0"
 

@@ -14,54 +14,24 @@ import json
 import sys
 from dataclasses import asdict
 
-from .engine import FLASH_ATTN
-from .search import SELECTORS, STRATEGIES, SearchConfig
+from .options import EngineConfig, SearchConfig, add_arguments, from_args
 from .stages import STAGE_BY_NAME
 
 EXIT_USAGE = 2  # user mistakes exit with 1 (run_guarded)
+ENGINE_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "flash_attn")  # EngineConfig fields `run` and `serve` take
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavao1-edge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    d = SearchConfig()
     r = sub.add_parser("run", help="answer a question about an image",
                        description="Answer QUESTION about IMAGE. Stages are printed as they are chosen.")
     r.add_argument("image", help="image file (PNG, JPEG, ...)")
     r.add_argument("question")
-    r.add_argument("--model", help="text model GGUF (default: the model the package ships)")
-    r.add_argument("--mmproj", help="vision projector GGUF that belongs to --model")
-    r.add_argument("--search", choices=STRATEGIES, default=d.strategy,
-                   help="greedy: no search; stage: LLaVA-CoT stage-level beam search (default); "
-                   "best-of-n: N whole answers; sentence: sentence-level beam search")
-    r.add_argument("--candidates", "-n", type=int, default=d.candidates, help="N candidates (default %(default)s)")
-    r.add_argument("--selector", choices=SELECTORS, default=d.selector,
-                   help="logprob: mean token log-probability (default: the best measured on the shipped model); "
-                   "judge: the model judges pairs (the paper's); vote: majority over conclusions")
-    r.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default %(default)s)")
-    r.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling (default %(default)s)")
-    r.add_argument("--greedy-candidate", action="store_true",
-                   help="decode candidate 1 greedily and sample the others, so the search can keep greedy's text")
-    r.add_argument("--judge-both-orders", action="store_true",
-                   help="judge each pair twice with the responses swapped (twice the judging); "
-                   "a split verdict goes to the candidate with the higher mean log-probability")
-    r.add_argument("--no-reasoning-check", dest="reasoning_check", action="store_false",
-                   help="skip the judge's correctness check of each REASONING candidate before their knockout "
-                   "(the paper's step; less judging)")
-    r.add_argument("--seed", type=int, default=d.seed, help="random seed; the same seed gives the same answer")
-    r.add_argument("--max-stage-tokens", type=int, default=d.max_stage_tokens, help="token budget per stage")
-    r.add_argument("--timeout", type=float, help="stop after this many seconds and print what is done")
-    fmt = r.add_mutually_exclusive_group()
-    fmt.add_argument("--force-format", dest="force_format", action="store_true", default=None,
-                     help="instruct the four-stage format and force each opening tag (automatic for "
-                     "models without llavao1 stage metadata)")
-    fmt.add_argument("--no-force-format", dest="force_format", action="store_false")
-    r.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
-    r.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to Metal/CUDA (-1: all)")
-    r.add_argument("--ctx", type=int, default=4096, help="KV cache size in tokens, shared by all candidates")
-    r.add_argument("--flash-attn", choices=tuple(FLASH_ATTN), default="auto",
-                   help="llama.cpp flash attention (auto: llama.cpp decides; off is faster for tiny models on CPU)")
+    model_arguments(r)
+    add_arguments(r.add_argument_group("search"), SearchConfig)
+    add_arguments(r.add_argument_group("engine"), EngineConfig, ENGINE_FLAGS)
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     r.add_argument("-v", "--verbose", action="store_true", help="also show candidates, verdicts and timings")
@@ -72,14 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _search_config(args) -> SearchConfig:
-    cfg = SearchConfig(strategy=args.search, candidates=args.candidates, selector=args.selector,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       max_stage_tokens=args.max_stage_tokens, timeout_s=args.timeout,
-                       force_format=args.force_format, greedy_candidate=args.greedy_candidate,
-                       judge_both_orders=args.judge_both_orders, reasoning_check=args.reasoning_check)
-    cfg.validate()
-    return cfg
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="text model GGUF (default: the model the package ships)")
+    parser.add_argument("--mmproj", help="vision projector GGUF that belongs to --model")
+
+
+def engine_config(args, search: SearchConfig) -> EngineConfig:
+    """The engine flags, with room for the search's sequences (candidates + their judge prompts)."""
+    return from_args(EngineConfig, args, n_seq_max=max(16, 2 * search.candidates + 1))
 
 
 class _Printer:
@@ -110,18 +80,18 @@ class _Printer:
 def _run(args) -> int:
     from .api import Reasoner
 
-    cfg = _search_config(args)
-    engine = {"n_threads": args.threads, "n_gpu_layers": args.gpu_layers, "n_ctx": args.ctx,
-              "n_seq_max": max(16, 2 * cfg.candidates + 1), "flash_attn": FLASH_ATTN[args.flash_attn]}
+    cfg = from_args(SearchConfig, args)
+    engine = engine_config(args, cfg)
     if args.print_config:
-        print(json.dumps({"search": asdict(cfg), "engine": engine, "model": args.model, "mmproj": args.mmproj}, indent=2))
+        print(json.dumps({"search": asdict(cfg), "engine": asdict(engine), "model": args.model, "mmproj": args.mmproj},
+                         indent=2))
         return 0
     if (args.model is None) != (args.mmproj is None):
         print("llavao1-edge: --model and --mmproj go together (a text model and the projector that belongs to it)",
               file=sys.stderr)
         return EXIT_USAGE
     printer = None if args.json else _Printer(args.verbose, cfg.strategy == "greedy")
-    with Reasoner(args.model, args.mmproj, **engine) as r:
+    with Reasoner(args.model, args.mmproj, engine) as r:
         result = r.ask(args.image, args.question, cfg, on_event=printer)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))

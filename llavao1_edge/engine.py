@@ -24,25 +24,8 @@ import numpy as np
 
 from .images import ImageSource, load_image
 from .modelfile import ModelFileError, chat_template, check_model_pair, has_stage_format
-
-
-@dataclass
-class EngineConfig:
-    n_ctx: int = 4096  # KV cells shared by all sequences (prompt + candidates + judges)
-    n_batch: int = 512  # tokens per llama_decode call
-    n_seq_max: int = 16  # parallel sequences: 1 main + candidates / judge prompts
-    n_threads: int = 0  # 0: all physical cores (os.cpu_count())
-    n_gpu_layers: int = 0  # Metal/CUDA offload when the build has it; -1 = all
-    kv_f32: bool = False  # F32 KV cache: exact parity with transformers (default F16: half the memory)
-    flash_attn: bool | None = None  # None: llama.cpp decides; False for parity tests
-    image_cache: int = 8  # encoded images kept (LRU)
-    # llama.cpp's extra CPU buffer types (weight repacking, AMX). None: off when the CPU advertises
-    # AMX, whose kernels raise SIGILL (`tilezero`) on VMs that report but do not run AMX.
-    extra_buffer_types: bool | None = None
-    verbose: bool = False  # let llama.cpp print its logs
-
-
-FLASH_ATTN = {"auto": None, "on": True, "off": False}  # CLI spelling -> EngineConfig.flash_attn
+from .options import EngineConfig
+from .sequences import SequencePool
 
 
 class EngineError(RuntimeError):
@@ -86,6 +69,15 @@ def captured_llama_log() -> Iterator[list[str]]:
             yield lines
         finally:
             L.llama_log_set(_log_callbacks[0] if _log_callbacks else None, None)
+
+
+def gpu_layers(requested: int | None) -> int:
+    """Layers to offload: as asked, or (None) all of them when llama.cpp was built with a GPU backend."""
+    if requested is not None:
+        return requested
+    import llama_cpp as L
+
+    return -1 if L.llama_supports_gpu_offload() else 0
 
 
 def cpu_has_amx() -> bool:
@@ -189,7 +181,7 @@ class Engine:
         self._model = self._ctx = self._mctx = None
         self._batch = None
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = cfg.n_gpu_layers
+        mp.n_gpu_layers = gpu_layers(cfg.n_gpu_layers)
         mp.use_extra_bufts = cfg.extra_buffer_types if cfg.extra_buffer_types is not None else not cpu_has_amx()
         self._model = L.llama_model_load_from_file(self.model_path.encode(), mp)
         if not self._model:
@@ -217,6 +209,7 @@ class Engine:
         except BaseException:
             self.close()
             raise
+        self.sequences = SequencePool(self)  # which sequences a search uses, and the KV cells they hold
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> embeddings
         self._pieces: dict[int, bytes] = {}
         self._seq0_keys: list = []  # what sequence 0 holds, one key per KV cell, for prefix reuse
@@ -228,7 +221,7 @@ class Engine:
 
         self._M = M
         mp = M.mtmd_context_params_default()
-        mp.use_gpu = self.config.n_gpu_layers != 0
+        mp.use_gpu = gpu_layers(self.config.n_gpu_layers) != 0
         mp.n_threads = threads
         mp.print_timings = False
         if self.config.flash_attn is not None:
@@ -495,6 +488,7 @@ class Engine:
         self._L.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
     def drop(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self._alive()
         self._L.llama_memory_seq_rm(self._mem, seq, p0, p1)
 
     def adopt(self, src: int, dst: int, p0: int) -> None:

@@ -75,6 +75,11 @@ def parse_pairwise_verdict(text: str) -> int | None:
     return int(matches[-1]) if matches else None
 
 
+def verdict_complete(text: str) -> bool:
+    """Whether a verdict has named its choice (pairwise) or its verdict (check): decoding can stop."""
+    return bool(_VERDICT_RE.search(text) or _CHECK_RE.search(text))
+
+
 def reasoning_check_prompt(question: str, caption: str, reasoning: str) -> str:
     """The text-only correctness check run on each REASONING candidate before the knockout."""
     return _CHECK_TEMPLATE.format(question=question.strip(), caption=caption.strip(),

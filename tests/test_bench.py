@@ -8,13 +8,14 @@ import pytest
 
 from llavao1_bench.accuracy import Answer, _score_caption_step, run_accuracy
 from llavao1_bench.cli import main as bench_main
-from llavao1_bench.common import BenchError, load_items, parse_search, search_label, wilson_interval
+from llavao1_bench.common import BenchError, load_items, wilson_interval
 from llavao1_bench.compare import compare_reports, load_accuracy, mcnemar_exact
 from llavao1_bench.paper_search import PaperStyleSearch
 from llavao1_bench.plots import pareto_front
 from llavao1_data.records import read_records
 from llavao1_data.shapes import ShapesConfig, write_dataset
 from llavao1_edge.api import Reasoner
+from llavao1_edge.options import parse_spec, spec_label
 from llavao1_edge.search import SearchConfig
 
 
@@ -49,7 +50,7 @@ def test_accuracy_on_jsonl(trained, capsys):
 
 def test_accuracy_reports_which_response_the_judge_picks_and_its_checks(trained, capsys):
     assert bench_main(["accuracy", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
-                       "--search", "stage:4", "--limit", "4", "--json"]) == 0
+                       "--search", "stage:4:judge", "--limit", "4", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     picks, checks = doc["judge_picks"], doc["reasoning_checks"]
     assert set(picks) == {"first", "second"} and all(v >= 0 for v in picks.values())
@@ -66,7 +67,7 @@ def test_accuracy_reports_which_response_the_judge_picks_and_its_checks(trained,
 
 
 def test_accuracy_counts_the_runtime_flags(trained, capsys):
-    args = [*_model_args(trained), "--data", str(trained.data / "records.jsonl"), "--search", "stage:4", "--limit", "3"]
+    args = [*_model_args(trained), "--data", str(trained.data / "records.jsonl"), "--search", "stage:4:judge", "--limit", "3"]
     assert bench_main(["accuracy", *args, "--json"]) == 0
     assert not any("KV cache" in f for f in json.loads(capsys.readouterr().out)["flags"])
     assert bench_main(["accuracy", *args, "--ctx", "512", "--json"]) == 0  # too small for 4 candidates and judges
@@ -182,7 +183,7 @@ def test_accuracy_on_vlmevalkit_tsv(trained, tmp_path, capsys):
 
 def test_latency_with_reference(trained, capsys):
     assert bench_main(["latency", *_model_args(trained), "--data", str(trained.data / "records.jsonl"),
-                       "--search", "stage:2", "--limit", "2", "--repeats", "1", "--compare-reference", "--compare-greedy",
+                       "--search", "stage:2:judge", "--limit", "2", "--repeats", "1", "--compare-reference", "--compare-greedy",
                        "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     for key in ("image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "decode_s", "total_s", "cached_ttft_s"):
@@ -215,7 +216,7 @@ def test_paper_style_baseline_call_count(trained):
 def test_sweep_writes_everything_and_resumes(trained, tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "--data", str(trained.data / "records.jsonl"), "--gguf", str(trained.gguf), "--mmproj",
-            str(trained.mmproj), "--quants", "F16,Q4_K_M", "--mmproj-quants", "F16", "--search", "greedy,stage:2",
+            str(trained.mmproj), "--quants", "F16,Q4_K_M", "--mmproj-quants", "F16", "--search", "greedy,stage:2:judge",
             "--limit", "3", "--out", str(out), "--threads", "2", "-q"]
     assert bench_main(args) == 0
     for name in ("results.csv", "results.json", "report.md", "accuracy_vs_latency.png", "accuracy_vs_size.png",
@@ -227,9 +228,9 @@ def test_sweep_writes_everything_and_resumes(trained, tmp_path, capsys):
     for key in ("commit", "model_sha256", "quant_types", "search_config", "threads", "cpu", "versions", "date"):
         assert row[key], key
     report = (out / "report.md").read_text()
-    assert "| gguf | Q4_K_M | F16 | stage:2 |" in report and "![accuracy_vs_latency]" in report
+    assert "| gguf | Q4_K_M | F16 | stage:2:judge |" in report and "![accuracy_vs_latency]" in report
     capsys.readouterr()  # every failure is kept, so two cells pair question by question
-    assert bench_main(["compare", f"{out}/results.json#gguf|F16|F16|greedy", f"{out}/results.json#gguf|Q4_K_M|F16|stage:2",
+    assert bench_main(["compare", f"{out}/results.json#gguf|F16|F16|greedy", f"{out}/results.json#gguf|Q4_K_M|F16|stage:2:judge",
                        "--json"]) == 0
     pair = json.loads(capsys.readouterr().out)
     assert pair["same_questions_checked"] and pair["n"] == 3
@@ -249,23 +250,25 @@ def test_sweep_validates_before_work(trained, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing started
 
 
-def test_search_specs_and_stats():
-    assert parse_search("stage:4").candidates == 4
-    # a spec names the paper's method unless it says otherwise; the runtime's own default is logprob
-    assert parse_search("stage:4").selector == "judge" and SearchConfig().selector == "logprob"
-    assert parse_search("best-of-n:3:vote").selector == "vote"
-    assert parse_search("greedy").strategy == "greedy"
-    anchored = parse_search("stage:4:logprob+greedy")
-    assert anchored.greedy_candidate and anchored.selector == "logprob" and not parse_search("stage:4").greedy_candidate
-    assert search_label(anchored) == "stage:4:logprob+greedy"
-    assert search_label(parse_search("stage:4+swap+greedy")) == "stage:4+greedy+swap"
-    unchecked = parse_search("stage:4+nocheck")
-    assert not unchecked.reasoning_check and parse_search("stage:4").reasoning_check
-    assert search_label(unchecked) == "stage:4+nocheck" and search_label(parse_search("stage:4")) == "stage:4"
-    assert not parse_search("stage:4+nodraft").draft_verdicts and parse_search("stage:4").draft_verdicts
-    for bad in ("stage:x", "greedy+greedy", "sentence:4+greedy", "stage:4+fast"):
-        with pytest.raises(BenchError):
-            parse_search(bad)
+def test_search_specs_mean_what_the_runtime_means_and_always_name_the_selector():
+    assert parse_spec("stage:4").candidates == 4
+    assert parse_spec("stage:4") == SearchConfig(strategy="stage", candidates=4)  # the runtime's defaults
+    assert spec_label(parse_spec("stage:4")) == f"stage:4:{SearchConfig().selector}"
+    assert parse_spec("best-of-n:3:vote").selector == "vote"
+    assert parse_spec("greedy").strategy == "greedy" and spec_label(parse_spec("greedy")) == "greedy"
+    anchored = parse_spec("stage:4:logprob+greedy")
+    assert anchored.greedy_candidate and anchored.selector == "logprob" and not parse_spec("stage:4").greedy_candidate
+    assert spec_label(anchored) == "stage:4:logprob+greedy"
+    assert spec_label(parse_spec("stage:4:judge+swap+greedy")) == "stage:4:judge+greedy+swap"
+    unchecked = parse_spec("stage:4:judge+nocheck")
+    assert not unchecked.reasoning_check and parse_spec("stage:4").reasoning_check
+    assert spec_label(unchecked) == "stage:4:judge+nocheck"
+    assert not parse_spec("stage:4+nodraft").draft_verdicts and parse_spec("stage:4").draft_verdicts
+    for spec in ("stage:2:judge+swap", "best-of-n:4:vote", "sentence:3:logprob", "stage:4:judge+greedy+nocheck"):
+        assert spec_label(parse_spec(spec)) == spec
+    for bad in ("stage:x", "greedy+greedy", "sentence:4+greedy", "stage:4+fast", "stage:4:best"):
+        with pytest.raises(ValueError):
+            parse_spec(bad)
     lo, hi = wilson_interval(45, 50)
     assert 0.78 < lo < 0.9 < hi < 0.97
     assert wilson_interval(0, 10)[0] == 0.0
