@@ -241,6 +241,21 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data64, tmp_path):
     assert diff == 0.0
 
 
+def test_checkpoints_hold_only_safetensors_and_json(data64, tmp_path, capsys):
+    """No pickle anywhere: loading a checkpoint from elsewhere reads data and runs none of it."""
+    from llavao1_train.checkpoints import STATE_FILES
+
+    out = tmp_path / "r"
+    args = ["--data", str(data64), "--out", str(out), "--init", "test-tiny", "--save-every", "1", "-q", "--device", "cpu"]
+    assert train_main([*args, "--max-steps", "1"]) == 0
+    ck = out / "checkpoints" / "step-0000001"
+    assert sorted(p.name for p in ck.iterdir()) == sorted(STATE_FILES)
+    json.loads((ck / "state.json").read_text())  # plain JSON
+    (ck / "rng.safetensors").unlink()
+    assert train_main([*args, "--max-steps", "2", "--resume"]) == 1
+    assert "not a training checkpoint (missing rng.safetensors)" in capsys.readouterr().err
+
+
 def test_refuses_to_mix_runs(data64, tmp_path):
     out = tmp_path / "r"
     assert train_main(["--data", str(data64), "--out", str(out), "--init", "test-tiny", "--max-steps", "2",

@@ -95,7 +95,7 @@ def test_frozen_pretrained_tower_stays_the_pretrained_one(data48, tmp_path, caps
         : -len("embeddings.patch_embedding.weight")]
     for k, v in tower.items():
         assert torch.equal(final[prefix + k], v), k
-    state = torch.load(out / "checkpoints" / "step-0000001" / "state.pt", weights_only=False)["model"]
+    state = load_file(out / "checkpoints" / "step-0000001" / "model.safetensors")
     # only what trains is checkpointed: the projector and the decoder, not the tower
     assert not any("vision_tower" in k for k in state)
     assert any("multi_modal_projector" in k for k in state) and any("language_model" in k for k in state)

@@ -7,6 +7,7 @@ checkpoint stores model, optimizer, scheduler, RNG states and the data position,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from llavao1_edge.stages import parse_answer
 from llavao1_models.checkpoint import looks_like_hub_id, read_image_stats
 from llavao1_models.llava import build_model, image_token_count, save_checkpoint
 
+from .checkpoints import latest_checkpoint, load_training_state, save_training_state
 from .data import (
     BadExample,
     Example,
@@ -194,58 +196,6 @@ def _schedule(total: int, warmup_ratio: float):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    inner = model.module if hasattr(model, "module") else model
-    return {n: p.detach().cpu().clone() for n, p in inner.named_parameters() if p.requires_grad}
-
-
-def save_training_state(out: Path, step: int, model, optimizer, scheduler, position: dict, keep: int) -> Path:
-    """OUT/checkpoints/step-N, written to a temporary folder and renamed (atomic)."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save({
-        "step": step, "position": position, "model": _trainable_state(model),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return found[-1] if found else None
-
-
-def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    inner = model.module if hasattr(model, "module") else model
-    params = dict(inner.named_parameters())
-    with torch.no_grad():
-        for n, t in state["model"].items():
-            params[n].copy_(t.to(params[n].device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -336,8 +286,51 @@ def length_split(lengths: list[int], max_parts: int) -> list[list[int]]:
     return parts[::-1]
 
 
+@dataclass
+class Run:
+    """What setup prepares for a whole run: fixed from the first step to the last."""
+
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    ispec: ImageSpec
+    spec: object  # the from-scratch ModelSpec, or None for a checkpoint
+    examples: list[Example]
+    eval_examples: list[tuple[Example, str]]
+    skipped: list[str]
+    params: list  # the trainable parameters
+    per_step: int  # examples per optimizer step, all ranks together
+    total: int  # optimizer steps
+    autocast: torch.autocast
+
+
+@dataclass
+class TrainState:
+    """What each step changes, and what a checkpoint restores."""
+
+    model: object  # the model being trained (DDP-wrapped on several ranks)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0  # examples of the epoch's order already used
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns OUT/final."""
+    run, state = setup(cfg)
+    train_loop(run, state)
+    return finish(run, state)
+
+
+def _check_config(cfg: TrainConfig) -> None:
     if bool(cfg.init) == bool(cfg.model):
         raise TrainError("give exactly one of --init NAME or --model HF_DIR")
     if cfg.vision_pretrain_steps and not cfg.init:
@@ -348,6 +341,12 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainError(f"--length-split must be 1 or more, got {cfg.length_split}")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
+
+
+def setup(cfg: TrainConfig) -> tuple[Run, TrainState]:
+    """Data, model, optimizer and schedule, in an order that makes every run from the same config and
+    seed identical (and a resumed one continue exactly)."""
+    _check_config(cfg)
     rank, world, local_rank = _dist()
     device = pick_device(cfg.device, local_rank)
     if world > 1:
@@ -364,11 +363,15 @@ def train(cfg: TrainConfig) -> Path:
     np.random.seed(cfg.seed)
     skipped: list[str] = []
     records = read_records_tolerant(_records_path(cfg.data), cfg.skip_bad, skipped)
+
+    def texts():
+        return (t.value for r in records for t in r.conversations)
+
     if world > 1 and cfg.init and not (out / "tokenizer").is_dir():
         if rank == 0:  # one rank trains the tokenizer, the others wait and load it
-            load_or_build(cfg, lambda: (t.value for r in records for t in r.conversations), out)
-        dist.barrier()
-    model, tokenizer, ispec, spec = load_or_build(cfg, lambda: (t.value for r in records for t in r.conversations), out)
+            load_or_build(cfg, texts, out)
+        torch.distributed.barrier()
+    model, tokenizer, ispec, spec = load_or_build(cfg, texts, out)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     root = _records_path(cfg.data).parent
 
@@ -413,100 +416,137 @@ def train(cfg: TrainConfig) -> Path:
     steps_per_epoch = max(1, len(examples) // per_step)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup_ratio))
-    step, epoch, offset = 0, 0, 0
+    state = TrainState(model, optimizer, scheduler)
     if cfg.resume:
         ck = latest_checkpoint(out)
         if ck is None:
             raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        state = load_training_state(ck, model, optimizer, scheduler)
-        step, epoch, offset = state["step"], state["position"]["epoch"], state["position"]["offset"]
+        try:
+            loaded = load_training_state(ck, model, optimizer, scheduler)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        state.step, state.epoch, state.offset = loaded["step"], loaded["position"]["epoch"], loaded["position"]["offset"]
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "world_size": world,
                                                            "examples": len(examples), "total_steps": total}, indent=2))
-    autocast = _autocast(cfg.precision, device)
+    run = Run(cfg, out, rank, world, device, tokenizer, ispec, spec, examples, eval_examples, skipped, params,
+              per_step, total, _autocast(cfg.precision, device))
+    return run, state
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean token loss of the step (this rank's share)
+    tokens: int  # real tokens computed
+    cells: int  # real + padding tokens computed
+    samples: int
+    last_micro: list[Example]  # the last whole micro-batch, for the logged image check
+
+
+def train_step(run: Run, state: TrainState, mine: list[int]) -> StepStats:
+    """One optimizer step on this rank's share of a global batch (indices into run.examples)."""
+    cfg, model = run.cfg, state.model
+    state.optimizer.zero_grad(set_to_none=True)
+    n_label = sum(sum(1 for x in run.examples[i].labels[1:] if x != -100) for i in mine)
+    passes, micro = [], []  # forward passes of this step: micro-batches, each cut into runs of similar length
+    for k in range(cfg.grad_accum):
+        micro = [run.examples[i] for i in mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+        passes += [[micro[i] for i in part]
+                   for part in length_split([len(e.input_ids) for e in micro], cfg.length_split) if part]
+    loss_sum, tokens, cells = 0.0, 0, 0
+    for k, part in enumerate(passes):
+        batch = _device_batch(part, run.ispec, run.tokenizer.pad_token_id, run.device)
+        sync = run.world == 1 or k == len(passes) - 1
+        ctx = model.no_sync() if not sync else contextlib.nullcontext()
+        with ctx, run.autocast:
+            logits = model(**{k2: v for k2, v in batch.items() if k2 != "labels"}).logits
+            part_sum = _token_loss_sum(logits, batch["labels"])
+            loss = part_sum / max(1, n_label)
+        loss.backward()
+        loss_sum += part_sum.item()
+        tokens += int(batch["attention_mask"].sum())
+        cells += batch["attention_mask"].numel()
+    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    return StepStats(loss_sum / max(1, n_label), tokens, cells, sum(len(p) for p in passes), micro)
+
+
+def next_batch(run: Run, state: TrainState, order: list[int]) -> tuple[list[int], list[int]]:
+    """The next global batch and the epoch order it comes from (a new epoch's when this one is used up)."""
+    if state.offset + run.per_step > len(order):
+        state.epoch, state.offset = state.epoch + 1, 0
+        order = epoch_order([len(e.input_ids) for e in run.examples], run.per_step, run.cfg.seed, state.epoch,
+                            run.cfg.group_by_length)
+    batch = order[state.offset:state.offset + run.per_step]
+    state.offset += run.per_step
+    return batch, order
+
+
+def train_loop(run: Run, state: TrainState) -> None:
+    """Steps until run.total: logging, evaluation and checkpoints on their schedules (rank 0)."""
+    cfg, out = run.cfg, run.out
     bar = None
-    if rank == 0:
+    if run.rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=step, desc="train", unit="step",
+        bar = tqdm(total=run.total, initial=state.step, desc="train", unit="step",
                    disable=None if cfg.progress is None else not cfg.progress, file=sys.stderr)
-    t_last, tok_count, cell_count, sample_count, loss_acc = time.perf_counter(), 0, 0, 0, []
-    lengths = [len(e.input_ids) for e in examples]
-    order = epoch_order(lengths, per_step, cfg.seed, epoch, cfg.group_by_length)
-    while step < total:
-        if offset + per_step > len(order):  # next epoch
-            epoch, offset = epoch + 1, 0
-            order = epoch_order(lengths, per_step, cfg.seed, epoch, cfg.group_by_length)
-        global_idx = order[offset:offset + per_step]
-        offset += per_step
-        mine = global_idx[rank::world]  # this rank's share of the global batch
-        optimizer.zero_grad(set_to_none=True)
-        n_label = sum(sum(1 for x in examples[i].labels[1:] if x != -100) for i in mine)
-        passes = []  # forward passes of this step: micro-batches, each cut into runs of similar length
-        for k in range(cfg.grad_accum):
-            micro = [examples[i] for i in mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
-            passes += [[micro[i] for i in run]
-                       for run in length_split([len(e.input_ids) for e in micro], cfg.length_split) if run]
-        for k, part in enumerate(passes):
-            batch = _device_batch(part, ispec, tokenizer.pad_token_id, device)
-            sync = world == 1 or k == len(passes) - 1
-            ctx = model.no_sync() if (world > 1 and not sync) else _null()
-            with ctx, autocast:
-                logits = model(**{k2: v for k2, v in batch.items() if k2 != "labels"}).logits
-                loss_sum = _token_loss_sum(logits, batch["labels"])
-                loss = loss_sum / max(1, n_label)
-            loss.backward()
-            loss_acc.append(loss_sum.item())
-            tok_count += int(batch["attention_mask"].sum())
-            cell_count += batch["attention_mask"].numel()  # real + padding tokens
-            sample_count += len(part)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if rank == 0:
-            mean_loss = sum(loss_acc) / max(1, n_label)
-            loss_acc = []
+    t_last, tok_count, cell_count, sample_count = time.perf_counter(), 0, 0, 0
+    order = epoch_order([len(e.input_ids) for e in run.examples], run.per_step, cfg.seed, state.epoch,
+                        cfg.group_by_length)
+    while state.step < run.total:
+        batch, order = next_batch(run, state, order)
+        stats = train_step(run, state, batch[run.rank::run.world])  # this rank's share of the global batch
+        tok_count, cell_count, sample_count = tok_count + stats.tokens, cell_count + stats.cells, sample_count + stats.samples
+        step = state.step
+        if run.rank == 0:
+            lr = state.scheduler.get_last_lr()[0]
             bar.update(1)
-            rate = tok_count * world / max(1e-9, time.perf_counter() - t_last)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}")
-            if step % cfg.log_every == 0 or step == total or step == 1:
+            bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tok_count * run.world / max(1e-9, time.perf_counter() - t_last):.0f}")
+            if step % cfg.log_every == 0 or step == run.total or step == 1:
                 dt = time.perf_counter() - t_last
-                _log(out, {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": tok_count * world / dt, "samples_per_s": sample_count * world / dt,
+                last = _device_batch(stats.last_micro, run.ispec, run.tokenizer.pad_token_id, run.device)
+                _log(out, {"step": step, "epoch": state.epoch, "loss": stats.loss, "lr": lr,
+                           "tokens_per_s": tok_count * run.world / dt, "samples_per_s": sample_count * run.world / dt,
                            "padding": 1 - tok_count / max(1, cell_count),  # share of computed tokens that pad
-                           # the image check looks at the last whole micro-batch, split into passes or not
-                           **image_reliance(model, _device_batch(micro, ispec, tokenizer.pad_token_id, device),
-                                            autocast)})
+                           **image_reliance(state.model, last, run.autocast)})
                 t_last, tok_count, cell_count, sample_count = time.perf_counter(), 0, 0, 0
-        if cfg.eval_every and eval_examples and step % cfg.eval_every == 0 and rank == 0:
-            acc = evaluate(model, tokenizer, eval_examples, ispec, device)
-            _log(out, {"step": step, "eval_accuracy": acc, "eval_n": len(eval_examples)})
-            bar.write(f"step {step}: eval accuracy {acc:.3f} on {len(eval_examples)}")
-        if cfg.save_every and step % cfg.save_every == 0 and rank == 0:
-            save_training_state(out, step, model, optimizer, scheduler, {"epoch": epoch, "offset": offset},
-                                cfg.keep_checkpoints)
-        if world > 1 and cfg.save_every and step % cfg.save_every == 0:
-            dist.barrier()
+        if cfg.eval_every and run.eval_examples and step % cfg.eval_every == 0 and run.rank == 0:
+            acc = evaluate(state.model, run.tokenizer, run.eval_examples, run.ispec, run.device)
+            _log(out, {"step": step, "eval_accuracy": acc, "eval_n": len(run.eval_examples)})
+            bar.write(f"step {step}: eval accuracy {acc:.3f} on {len(run.eval_examples)}")
+        if cfg.save_every and step % cfg.save_every == 0:
+            if run.rank == 0:
+                save_training_state(out, step, state.model, state.optimizer, state.scheduler, state.position,
+                                    cfg.keep_checkpoints)
+            if run.world > 1:
+                torch.distributed.barrier()
     if bar is not None:
         bar.close()
-    if world > 1:  # replicas must hold identical weights; say so in the log if they do not
-        sums = [None] * world
-        dist.all_gather_object(sums, param_checksum(model))
-        if rank == 0:
-            _log(out, {"step": step, "replica_checksums": sums, "replicas_identical": len(set(sums)) == 1})
+
+
+def finish(run: Run, state: TrainState) -> Path:
+    """OUT/final (rank 0), the replicas' checksums in the log (several ranks), the process group closed."""
+    out = run.out
+    if run.world > 1:  # replicas must hold identical weights; say so in the log if they do not
+        sums = [None] * run.world
+        torch.distributed.all_gather_object(sums, param_checksum(state.model))
+        if run.rank == 0:
+            _log(out, {"step": state.step, "replica_checksums": sums, "replicas_identical": len(set(sums)) == 1})
             if len(set(sums)) != 1:
                 print("warning: data-parallel replicas diverged (checksums differ)", file=sys.stderr)
-    final = out / "final"
-    if rank == 0:
-        _save_final(model, tokenizer, spec, cfg, out)
-        if skipped:
-            print(f"skipped {len(skipped)} bad records (--skip-bad); first: {skipped[0]}", file=sys.stderr)
-            _log(out, {"skipped": len(skipped), "first": skipped[:5]})
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return final
+    if run.rank == 0:
+        _save_final(state.model, run.tokenizer, run.spec, run.cfg, out)
+        if run.skipped:
+            print(f"skipped {len(run.skipped)} bad records (--skip-bad); first: {run.skipped[0]}", file=sys.stderr)
+            _log(out, {"skipped": len(run.skipped), "first": run.skipped[:5]})
+    if run.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return out / "final"
 
 
 def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, ispec: ImageSpec, device, out: Path,
@@ -588,14 +628,6 @@ def _autocast(precision: str, device) -> torch.autocast:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device.type == "cpu")  # mps: fp32
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_final(model, tokenizer, spec, cfg: TrainConfig, out: Path) -> None:
