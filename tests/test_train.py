@@ -153,7 +153,7 @@ def _padding(lengths, order, per_step):
 
 
 def test_epoch_order_grouped_by_length_cuts_padding_and_keeps_every_example():
-    from llavao1_train.trainer import MEGABATCH, epoch_order
+    from llavao1_train.batching import MEGABATCH, epoch_order
 
     g = torch.Generator().manual_seed(3)
     lengths = torch.randint(100, 600, (16 * MEGABATCH * 2 + 5,), generator=g).tolist()  # 2 megabatches + a tail
@@ -171,7 +171,7 @@ def test_epoch_order_grouped_by_length_cuts_padding_and_keeps_every_example():
 
 
 def test_length_split_partitions_a_batch_into_runs_that_compute_the_fewest_cells():
-    from llavao1_train.trainer import length_split
+    from llavao1_train.batching import length_split
 
     def cells(parts):
         return sum(len(p) * max(lengths[i] for i in p) for p in parts)
