@@ -3,6 +3,7 @@
 examples:
   llavao1-bench latency --search stage:4 --compare-reference
   llavao1-bench batching --threads 2          # is a step with N sequences ~1x or ~Nx one? (search's price)
+  llavao1-bench peer --threads 2              # against llama-cpp-python's create_chat_completion: startup, tok/s
   llavao1-bench accuracy --data eval/records.jsonl --search greedy --limit 200
   llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
   llavao1-bench compare greedy.json stage4.json   # which questions stage:4 fixes / breaks, McNemar's exact p
@@ -68,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--prefix", type=int, default=256, help="shared prefix tokens (default %(default)s)")
     bat.add_argument("--steps", type=int, default=64, help="timed steps per row count (default %(default)s)")
     bat.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pe = sub.add_parser("peer", help="against llama-cpp-python's own chat API: process time, decode speed, same tokens",
+                        description="The same GGUF pair, image and question through llavao1-edge and through "
+                        "llama-cpp-python's Llama.create_chat_completion (MTMDChatHandler): the wall time of a whole "
+                        "`llavao1-edge run --search greedy` process against the peer's script, alternating, and in one "
+                        "process the greedy tokens each generates (they must be equal) and their decode speed.")
+    model_args(pe)
+    pe.add_argument("--data", help="questions (.jsonl or .tsv); default: the shipped example questions")
+    pe.add_argument("--limit", type=int, default=3, help="questions (default %(default)s)")
+    pe.add_argument("--repeats", type=int, default=5, help="processes of each per question (default %(default)s)")
+    pe.add_argument("--what", choices=("both", "process", "decode"), default="both")
 
     acc = sub.add_parser("accuracy", help="exact match of the CONCLUSION, per category, with a 95%% interval")
     model_args(acc)
@@ -161,6 +173,27 @@ def _batching(args) -> int:
     return 0
 
 
+def _peer(args) -> int:
+    from dataclasses import asdict
+
+    from .common import BenchError, Provenance, load_items, sha256_file
+    from .peer import PeerReport, measure_decode, measure_process
+
+    if args.limit < 1 or args.repeats < 1:
+        raise BenchError("--limit and --repeats must be at least 1")
+    model, mmproj = _model_paths(args)
+    items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit)
+    threads = args.n_threads or os.cpu_count() or 1
+    report = PeerReport(model, mmproj, threads)
+    if args.what in ("both", "decode"):
+        measure_decode(report, items, args.n_ctx)
+    if args.what in ("both", "process"):
+        measure_process(report, items, args.repeats, args.n_ctx)
+    report.provenance = {**asdict(Provenance()), "model_sha256": sha256_file(model)}
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
 def _run(args) -> int:
     from llavao1_edge.options import parse_spec, spec_label
 
@@ -177,6 +210,8 @@ def _run(args) -> int:
         return 0
     if args.command == "batching":
         return _batching(args)
+    if args.command == "peer":
+        return _peer(args)
     if args.command == "compare":
         from .compare import compare_reports, load_accuracy
 

@@ -70,12 +70,11 @@ def validate(cfg: SweepConfig) -> Plan:
     if cfg.gguf and cfg.hf:
         problems.append("give either --gguf with --mmproj, or --hf, not both")
     if not cfg.gguf and not cfg.hf:  # the model the package ships
-        from llavao1_edge.api import ModelNotFound, shipped_model_paths
+        from llavao1_edge.api import ModelNotFound, shipped_model
 
         try:
-            text, proj = shipped_model_paths()
-            f16 = [p for p in text.parent.glob("*.gguf") if p != proj and type_of_file(p) == "F16"]
-            cfg.gguf, cfg.mmproj = str(f16[0] if f16 else text), str(proj)
+            files = shipped_model()
+            cfg.gguf, cfg.mmproj = str(files["unquantized"]), str(files["mmproj"])
         except ModelNotFound as e:
             problems.append(str(e))
     if cfg.gguf:

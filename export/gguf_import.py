@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 from gguf import MODEL_TENSOR as MT
 from gguf import Keys
@@ -58,8 +59,6 @@ def _value(reader, key: str, path: Path, required: bool = True):
 
 def _tensors(reader, path: Path, types: dict[str, int]) -> dict[str, np.ndarray]:
     """Every tensor as float32 in Hugging Face's (row-major, out x in) shape."""
-    import gguf
-
     out = {}
     for t in reader.tensors:
         kind = t.tensor_type.name
@@ -122,7 +121,6 @@ def _spec(text_reader, vision_reader, text_path: Path, vision_path: Path, vocab_
 
 def rebuild_tokenizer(reader, path: Path):
     """The byte-level BPE tokenizer a GGUF's vocabulary, merges and token types describe."""
-    import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -209,7 +207,9 @@ def import_gguf(text_path: str | os.PathLike, mmproj_path: str | os.PathLike, ou
     model = build_model(spec, tokenizer)
     own = model.state_dict()
     v = tower_prefix(own)
-    sd = _state_dict(_tensors(text_reader, text_path, types), _tensors(vision_reader, mmproj_path, types), spec, v)
+    # the tensors through gguf's own reader, which maps their data (the runtime's header reader reads none)
+    sd = _state_dict(_tensors(gguf.GGUFReader(str(text_path)), text_path, types),
+                     _tensors(gguf.GGUFReader(str(mmproj_path)), mmproj_path, types), spec, v)
     notes = []
     lossy = sorted(k for k in types if k not in EXACT_TENSOR_TYPES)
     if lossy:

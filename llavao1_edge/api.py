@@ -13,6 +13,7 @@ questions, open one Reasoner per thread; each holds its own llama.cpp context.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +21,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .engine import Engine, EngineConfig
-from .formats import is_quantized
 from .images import ImageSource
 from .search import Event, SearchConfig, SearchResult, run_search, search_events
 
@@ -32,16 +32,21 @@ class ModelNotFound(FileNotFoundError):
     pass
 
 
-def shipped_model_paths(name: str = DEFAULT_MODEL) -> tuple[Path, Path]:
-    """The text model and projector the package ships under llavao1_edge/models/NAME/."""
+def shipped_model(name: str = DEFAULT_MODEL) -> dict[str, Path]:
+    """The files the package ships under llavao1_edge/models/NAME/, as its model.json names them:
+    "text" (the quantized text model the runtime opens), "mmproj", "unquantized" (the text model's F16 source)."""
     folder = MODELS_DIR / name
-    texts = sorted(p for p in folder.glob("*.gguf") if not p.name.startswith("mmproj")) if folder.is_dir() else []
-    projs = sorted(folder.glob("mmproj*.gguf")) if folder.is_dir() else []
-    if not texts or not projs:
-        raise ModelNotFound(f"no shipped model {name!r} in {folder}; pass --model TEXT.gguf --mmproj MMPROJ.gguf "
-                            "(this build of llavao1-edge ships no default model yet)")
-    quantized = [p for p in texts if is_quantized(p)]  # the quantized file; F16 is its source
-    return (quantized or texts)[0], projs[0]
+    try:
+        manifest = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ModelNotFound(f"no shipped model {name!r} in {folder}; pass --model TEXT.gguf --mmproj MMPROJ.gguf") from None
+    return {k: folder / v for k, v in manifest.items() if k in ("text", "mmproj", "unquantized")}
+
+
+def shipped_model_paths(name: str = DEFAULT_MODEL) -> tuple[Path, Path]:
+    """The text model and projector the package ships."""
+    files = shipped_model(name)
+    return files["text"], files["mmproj"]
 
 
 def _search_config(config: SearchConfig | None, overrides: dict) -> SearchConfig:

@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     r.add_argument("-v", "--verbose", action="store_true", help="also show candidates, verdicts and timings")
 
-    i = sub.add_parser("info", help="describe a GGUF model file")
-    i.add_argument("file")
+    i = sub.add_parser("info", help="describe a GGUF file, or (no file) what llama.cpp can use here",
+                       description="With FILE: its architecture, family, sizes, tensor types and metadata. Without: "
+                       "the devices the installed llama.cpp can use (is the GPU used?), CPU features and threads.")
+    i.add_argument("file", nargs="?")
     i.add_argument("--json", action="store_true")
     return p
 
@@ -109,8 +111,29 @@ def _run(args) -> int:
     return 0
 
 
+def _system(args) -> int:
+    from .engine import system_info
+
+    info = system_info()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"llama-cpp-python {info['llama_cpp_python']}")
+    for d in info["devices"]:
+        print(f"  device        {d['name']} ({d['type']}): {d['description']}, {d['memory_total_mib']:,} MiB")
+    gpu = (f"yes: --gpu-layers defaults to all ({info['default_gpu_layers']})" if info["gpu_offload"] else
+           "no: this build has no GPU backend (see docs/install.md to build one); everything runs on the CPU")
+    print(f"  GPU offload   {gpu}")
+    print(f"  threads       {info['threads']} (the default for --threads)")
+    print(f"  CPU features  {info['cpu_features']}")
+    return 0
+
+
 def _info(args) -> int:
     from .modelfile import describe
+
+    if args.file is None:
+        return _system(args)
 
     info = describe(args.file)
     if args.json:

@@ -80,6 +80,38 @@ def gpu_layers(requested: int | None) -> int:
     return -1 if L.llama_supports_gpu_offload() else 0
 
 
+_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "integrated GPU", 3: "accelerator"}  # enum ggml_backend_dev_type
+
+
+def system_info() -> dict:
+    """What the installed llama.cpp can use: its devices (CPU, Metal, CUDA, Vulkan ...), whether layers
+    can be offloaded to a GPU, the CPU features it was built for, and the default thread count."""
+    import importlib.metadata
+
+    import llama_cpp as L
+    from llama_cpp._ggml import libggml as G
+
+    init_backend()
+    G.ggml_backend_dev_count.restype = ctypes.c_size_t
+    G.ggml_backend_dev_get.restype, G.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    for fn in (G.ggml_backend_dev_name, G.ggml_backend_dev_description):
+        fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    G.ggml_backend_dev_type.restype, G.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    G.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    devices = []
+    for i in range(G.ggml_backend_dev_count()):
+        dev = G.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        G.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        devices.append({"name": G.ggml_backend_dev_name(dev).decode(), "description": G.ggml_backend_dev_description(dev).decode(),
+                        "type": _DEVICE_TYPES.get(G.ggml_backend_dev_type(dev), "other"),
+                        "memory_total_mib": total.value >> 20, "memory_free_mib": free.value >> 20})
+    features = L.llama_print_system_info().decode().strip().rstrip("|").strip()
+    return {"llama_cpp_python": importlib.metadata.version("llama-cpp-python"), "devices": devices,
+            "gpu_offload": bool(L.llama_supports_gpu_offload()), "default_gpu_layers": gpu_layers(None),
+            "threads": os.cpu_count() or 1, "cpu_features": features, "cpu_amx": cpu_has_amx()}
+
+
 def cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:

@@ -55,9 +55,11 @@ def file_type(name: str) -> FileType:
 
 def type_of_file(path: str | os.PathLike) -> str:
     """The weight type of a GGUF file, read from it: "F16", "Q4_K_M", ... ("mixed: ..." when none fits)."""
-    from gguf import GGUFReader, Keys, LlamaFileType
+    from gguf import Keys, LlamaFileType
 
-    reader = GGUFReader(str(path))
+    from .gguf_header import read_header
+
+    reader = read_header(path)
     field = reader.fields.get(Keys.General.FILE_TYPE)
     if field is not None:
         ftype = LlamaFileType(int(field.contents())).name

@@ -19,12 +19,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 MTMD_PAD_COLOR = (122, 116, 104)  # mtmd's pad colour for "mlp" projectors
 MAX_IMAGE_PIXELS = 50_000_000  # above this we refuse: a decompression bomb, or a scan too big to use
 
 ImageSource = str | os.PathLike | bytes | Image.Image
+_NO_ORIENTATION = ("PNG", "GIF", "BMP", "PPM")  # formats whose orientation only an EXIF block (in .info) can give
 
 
 class ImageError(ValueError):
@@ -67,10 +68,15 @@ def load_image(source: ImageSource) -> Image.Image:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: not a readable image ({e})") from None
     _check_size(img, name)
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block should not stop the image from being used
-        pass
+    if "exif" in img.info or img.format not in _NO_ORIENTATION:
+        from PIL import (
+            ImageOps,  # only for images that can carry an orientation (ImageOps loads EXIF tables)
+        )
+
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block should not stop the image from being used
+            pass
     return _to_rgb(img)
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 from gguf import MODEL_TENSOR, Keys
 
 from . import gguf_keys as K
+from .gguf_header import HeaderError, read_header
 from .gguf_keys import tensor_name
-
-GGUF_MAGIC = b"GGUF"
 
 
 class ModelFileError(ValueError):
@@ -50,24 +49,20 @@ class ModelInfo:
 
 
 def _read(path: str | os.PathLike):
-    import gguf  # numpy-only; imported here to keep `import llavao1_edge` quick
-
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"{p}: file not found")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(4)
-    if head != GGUF_MAGIC:
-        raise ModelFileError(f"{p}: not a GGUF file (starts with {head!r})")
     try:
-        reader = gguf.GGUFReader(str(p))
-    except Exception as e:  # the reader raises many kinds on truncated or corrupt headers
-        raise ModelFileError(f"{p}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
+        reader = read_header(p)
+    except HeaderError as e:
+        problem = str(e) if str(e).startswith("not a GGUF") else f"corrupt or truncated GGUF header ({e})"
+        raise ModelFileError(f"{p}: {problem}") from None
+    except OSError as e:
+        raise ModelFileError(f"{p}: cannot be read ({e.strerror or e})") from None
     for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
+        if t.data_offset + t.n_bytes > reader.size:
             raise ModelFileError(f"{p}: truncated (tensor {t.name} ends past the end of the file)")
-    return reader, p, size
+    return reader, p, reader.size
 
 
 def _value(reader, key: str):
@@ -105,7 +100,7 @@ def check_text_model(path: str | os.PathLike):
         raise ModelFileError(f"{p}: this is a vision projector (mmproj) file, not a text model; pass it as --mmproj")
     _check_types(reader, p, K.TEXT_REQUIRED, K.TEXT_OPTIONAL, {"arch": arch})
     tokens = reader.fields[Keys.Tokenizer.LIST]
-    n_vocab = len(tokens.data)
+    n_vocab = len(tokens)
     emb = _tensor_shape(reader, tensor_name(MODEL_TENSOR.TOKEN_EMBD))
     if emb is not None and emb[1] != n_vocab:
         raise ModelFileError(f"{p}: {n_vocab} tokens in the vocabulary but token_embd has {emb[1]} rows")
@@ -185,7 +180,7 @@ def describe(path: str | os.PathLike) -> ModelInfo:
     params: Counter = Counter()
     n_params = 0
     for t in reader.tensors:
-        n = int(t.n_elements)
+        n = t.n_elements
         types[t.tensor_type.name] += 1
         params[t.tensor_type.name] += n
         n_params += n
@@ -199,7 +194,7 @@ def describe(path: str | os.PathLike) -> ModelInfo:
     if arch == K.VISION_ARCHITECTURE:
         facts["projector_type"] = projector_type(reader)
     else:
-        facts["vocab_size"] = len(reader.fields[Keys.Tokenizer.LIST].data)
+        facts["vocab_size"] = len(reader.fields[Keys.Tokenizer.LIST])
         facts["tokenizer"] = _value(reader, Keys.Tokenizer.MODEL)
     meta = {k: _value(reader, k) for k in reader.fields
             if k.split(".")[0] in ("general", "llavao1") and k != Keys.General.ARCHITECTURE}

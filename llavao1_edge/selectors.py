@@ -19,7 +19,6 @@ from collections.abc import Generator
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from .answers import normalise_text
 from .decoding import VERDICT, Live, TextState
 from .engine import Engine, Prompt, SeqState
 from .judge import (
@@ -66,6 +65,8 @@ class VoteSelector(Selector):
     def select(self, unit, cands, context, step) -> Selection:
         if unit not in ("conclusion", "answer"):
             return likeliest(cands), []
+
+        from .answers import normalise_text
 
         def conclusion(c: Candidate) -> str:
             return normalise_text(c.unit_text if unit == "conclusion" else (parse_answer(c.text).conclusion or ""))
