@@ -2,8 +2,9 @@
 
 - `tiny_tokenizer`: a byte-level BPE trained on generated shapes texts.
 - `make_checkpoint(**spec_overrides)`: a random test-tiny LLaVA checkpoint folder.
-- `trained`: shapes data -> `llavao1-train --init test-tiny` -> GGUF F32 files. The model really
-  writes four-stage answers (memorised from a dozen questions), which the runtime tests need.
+- `shipped`: the model the package ships (F16 files) and its example questions: the runtime's tests.
+- `trained`: shapes data -> `llavao1-train --init test-tiny` -> GGUF F32 files, for the chain's tests
+  (export, verify, import, bench sweeps); the tests that use it are marked slow.
 """
 
 from __future__ import annotations
@@ -81,6 +82,66 @@ def make_checkpoint(tmp_path_factory, tiny_tokenizer):
         return made[name]
 
     return make
+
+
+@dataclass
+class Shipped:
+    gguf: Path  # F16 text model
+    mmproj: Path  # F16 projector
+    questions: list[tuple[Path, str, str]]  # (image, question, reference answer): the shipped examples
+
+
+@pytest.fixture(scope="session")
+def shipped() -> Shipped:
+    """The model the package ships, at F16 (its quantized file rounds multi-row batches differently)."""
+    from llavao1_data.records import read_records
+    from llavao1_edge.api import MODELS_DIR, shipped_model
+
+    files = shipped_model()
+    examples = MODELS_DIR.parent / "examples"
+    questions = [(examples / r.image, r.question, r.meta["answer"]) for r in read_records(examples / "questions.jsonl")]
+    return Shipped(files["unquantized"], files["mmproj"], questions)
+
+
+def as_f32(src: Path, dst: Path) -> Path:
+    """A copy of a GGUF file with its F16 tensors widened to F32 (every key kept): llama.cpp's batched kernels
+    round F32 weights like its one-row ones, so parity tests can ask for 1e-5."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
+            continue
+        value = 0 if key == gguf.Keys.General.FILE_TYPE else field.contents()
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        writer.add_tensor(t.name, data.astype(np.float32).reshape(shape) if data.dtype == np.float16 else data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.fixture(scope="session")
+def shipped_f32(shipped, tmp_path_factory) -> Shipped:
+    """The shipped model's F16 files widened to F32, for parity tests."""
+    out = tmp_path_factory.mktemp("shipped-f32")
+    return Shipped(as_f32(shipped.gguf, out / "text-f32.gguf"), as_f32(shipped.mmproj, out / "mmproj-f32.gguf"),
+                   shipped.questions)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs a model trained here (the `trained` fixture, ~2 minutes to build) is slow."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass

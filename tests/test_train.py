@@ -74,6 +74,7 @@ def test_short_cpu_run_loss_falls_and_checkpoint_loads(data64, tmp_path, capsys)
     assert (out / "final" / "chat_template.jinja").is_file() and (out / "final" / "processor_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_tracks_fp32_and_saves_fp32_weights(data64, tmp_path):
     logs = {}
     for precision in ("fp32", "bf16"):
@@ -192,6 +193,7 @@ def test_length_split_partitions_a_batch_into_runs_that_compute_the_fewest_cells
     assert length_split([100, 900], 1) == [[0, 1]]
 
 
+@pytest.mark.slow
 def test_length_split_gives_the_unsplit_gradient_with_less_padding(tmp_path):
     data = tmp_path / "d"
     write_dataset(ShapesConfig(n=64, seed=1, kinds=("cot", "judge")), data, progress=False)  # lengths vary ~3x
@@ -213,6 +215,7 @@ def test_length_split_gives_the_unsplit_gradient_with_less_padding(tmp_path):
     assert diff < 1e-4
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(data64, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --group-by-length: the resumed run must rebuild the same length-grouped batches (24 steps = 1.5 epochs)
@@ -264,6 +267,7 @@ def test_refuses_to_mix_runs(data64, tmp_path):
                        "-q", "--device", "cpu"]) == 1
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_keep_identical_weights(data64, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -8,8 +8,6 @@ from llavao1_models.llava import ModelSpec
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "shapes-tiny": ModelSpec("shapes-tiny", image_size=96, patch_size=12),  # 64 image tokens
-    # shapes-tiny with a decoder twice as wide (8 heads). Not shipped: 0.408 greedy vs 0.464 in the same 2 h (README).
-    "shapes-wide": ModelSpec("shapes-wide", image_size=96, patch_size=12, text_width=512, text_heads=8),
     # For tests: seconds to build, train a step and convert.
     "test-tiny": ModelSpec("test-tiny", image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                            vision_heads=2, vision_ffn=128, text_width=256, text_layers=2, text_heads=4,
