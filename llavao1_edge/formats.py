@@ -45,14 +45,6 @@ EXACT_TENSOR_TYPES: tuple[str, ...] = tuple(t.tensor_type for t in FILE_TYPES if
 ONNX_QUANTS: tuple[str, ...] = ("none", "int8", "int4")  # `llavao1-export onnx --quant`
 
 
-def file_type(name: str) -> FileType:
-    """The table's entry for a user's spelling ("q4_k_m", "Q4_K_M"); ValueError listing the known ones."""
-    key = name.strip().upper()
-    if key not in BY_NAME:
-        raise ValueError(f"unknown weight type {name!r}; known: {', '.join(t.name for t in FILE_TYPES)}")
-    return BY_NAME[key]
-
-
 def type_of_file(path: str | os.PathLike) -> str:
     """The weight type of a GGUF file, read from it: "F16", "Q4_K_M", ... ("mixed: ..." when none fits)."""
     from gguf import Keys, LlamaFileType
@@ -71,9 +63,3 @@ def type_of_file(path: str | os.PathLike) -> str:
         if t.tensor_type and set(weights) == {t.tensor_type}:
             return t.name
     return "mixed: " + ", ".join(f"{k} x{v}" for k, v in weights.most_common())
-
-
-def is_quantized(path: str | os.PathLike) -> bool:
-    """Whether a GGUF file holds quantized weights (not F32, F16 or BF16)."""
-    name = type_of_file(path)
-    return not (name in BY_NAME and BY_NAME[name].exact)

@@ -45,9 +45,13 @@ class Selector:
         self.search = search
 
     def select(self, unit: str, cands: list[Candidate], context: dict[str, str], step: int) -> Selection:
-        """(index chosen, judgements made) among `cands` for `unit` (a stage, "answer" or a sentence's stage)."""
+        """(index chosen, judgements made) among `cands` for `unit` (a stage, "answer" or a sentence's stage).
+        A generator, so that a selector that decodes (the judge) can yield its events; others just pick."""
+        return self.pick(unit, cands), []
+        yield  # unreachable: it makes this a generator
+
+    def pick(self, unit: str, cands: list[Candidate]) -> int:
         raise NotImplementedError
-        yield
 
 
 def likeliest(cands: list[Candidate], among: list[int] | None = None) -> int:
@@ -56,15 +60,14 @@ def likeliest(cands: list[Candidate], among: list[int] | None = None) -> int:
 
 
 class LogprobSelector(Selector):
-    def select(self, unit, cands, context, step) -> Selection:
-        return likeliest(cands), []
-        yield
+    def pick(self, unit, cands) -> int:
+        return likeliest(cands)
 
 
 class VoteSelector(Selector):
-    def select(self, unit, cands, context, step) -> Selection:
+    def pick(self, unit, cands) -> int:
         if unit not in ("conclusion", "answer"):
-            return likeliest(cands), []
+            return likeliest(cands)
 
         from .answers import normalise_text
 
@@ -73,10 +76,9 @@ class VoteSelector(Selector):
 
         votes = Counter(conclusion(c) for c in cands if conclusion(c))
         if not votes:
-            return likeliest(cands), []
+            return likeliest(cands)
         top = max(votes.values())
-        return likeliest(cands, [i for i, c in enumerate(cands) if votes.get(conclusion(c), 0) == top]), []
-        yield
+        return likeliest(cands, [i for i, c in enumerate(cands) if votes.get(conclusion(c), 0) == top])
 
 
 class VerdictDrafts:
