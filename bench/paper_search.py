@@ -22,7 +22,6 @@ from llavao1_edge.judge import (
     parse_reasoning_check,
     reasoning_check_prompt,
 )
-from llavao1_edge.prompting import render_user_turn, user_text
 from llavao1_edge.sampling import choose
 from llavao1_edge.search import SearchConfig
 from llavao1_edge.stages import STAGES, StageStreamParser, parse_answer
@@ -50,7 +49,7 @@ class PaperStyleSearch:
         self.calls += 1
         self.e.clear_caches()  # the reference re-processes the image and the prefix every call
         marker = self.e.marker if image is not None else None
-        rendered = render_user_turn(self.e.chat_template, user_text(user, marker, False)) + prefix
+        rendered = self.e.template.user_turn(user, marker) + prefix
         prompt = self.e.prepare(rendered, image)
         state, _ = self.e.eval_prompt(prompt)
         self.e.free_prompt(prompt)

@@ -27,7 +27,9 @@ def probe(req: dict) -> dict[str, np.ndarray]:
         if req.get("mmproj"):
             prompt = e.prepare(req["image_prompt"].replace("<image>", e.marker), req["image"])
             state, _ = e.eval_prompt(prompt)
-            out["image_embd"] = e.image_embeddings(prompt)
+            chunks = e.image_embeddings(prompt)  # one per image chunk (tiles and overview for slicing projectors)
+            out["image_embd"] = np.concatenate(chunks)
+            out["image_chunk_tokens"] = np.array([len(c) for c in chunks])
             out["image_ids"] = np.array([t for c in prompt.chunks if hasattr(c, "tokens") for t in c.tokens])
             cont = e.score(0, req["image_continuation"], state.pos) if req["image_continuation"] else np.empty((0,))
             out["image_last_logits"] = state.logits

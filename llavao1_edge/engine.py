@@ -25,6 +25,7 @@ import numpy as np
 from .images import ImageSource, load_image
 from .modelfile import ModelFileError, chat_template, check_model_pair, has_stage_format
 from .options import EngineConfig
+from .prompting import ChatTemplate
 from .sequences import SequencePool
 
 
@@ -133,12 +134,13 @@ class TextChunk:
 class ImageChunk:
     chunk: object  # mtmd_input_chunk* (owned copy)
     image_key: str  # sha256 of the RGB pixels and size
-    n_tokens: int  # KV cells the image takes
+    index: int  # which of the image's chunks (a sliced image: its tiles in order, then the overview)
+    n_tokens: int  # KV cells the chunk takes
     n_pos: int  # positions it advances (differs from n_tokens for M-RoPE models)
 
     @property
     def keys(self) -> list:
-        return [("image", self.image_key, i) for i in range(self.n_tokens)]
+        return [("image", self.image_key, self.index, i) for i in range(self.n_tokens)]
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ class Engine:
         self.model_path, self.mmproj_path = str(model), (str(mmproj) if mmproj else None)
         reader = check_model_pair(model, mmproj)  # raises ModelFileError on anything llama.cpp may abort on
         self.stage_format = has_stage_format(reader)
-        self.chat_template = chat_template(reader)
+        template_source = chat_template(reader)
         del reader
         init_backend(cfg.verbose)
         self._L = L
@@ -221,6 +223,7 @@ class Engine:
         try:
             self._vocab = L.llama_model_get_vocab(self._model)
             self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+            self.add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))  # a prompt starts with BOS
             threads = cfg.n_threads or max(1, (os.cpu_count() or 2))
             cp = L.llama_context_default_params()
             cp.n_ctx, cp.n_batch, cp.n_ubatch = cfg.n_ctx, cfg.n_batch, cfg.n_batch
@@ -242,8 +245,11 @@ class Engine:
             self.close()
             raise
         self.sequences = SequencePool(self)  # which sequences a search uses, and the KV cells they hold
-        self._images: OrderedDict[str, np.ndarray] = OrderedDict()  # image key -> embeddings
+        self._images: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()  # image -> chunk index -> embeddings
         self._pieces: dict[int, bytes] = {}
+        eos = L.llama_vocab_eos(self._vocab)
+        self.template = ChatTemplate(template_source, os.path.basename(self.model_path),
+                                     self.detokenize([eos]) if eos >= 0 else "")
         self._seq0_keys: list = []  # what sequence 0 holds, one key per KV cell, for prefix reuse
         self._seq0_pos = 0
         self._seq0_logits: np.ndarray | None = None
@@ -305,12 +311,14 @@ class Engine:
 
     # -- tokens ---------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, special: bool = True) -> list[int]:
+    def tokenize(self, text: str, special: bool = True, add_bos: bool = False) -> list[int]:
+        """Token ids of `text` (special: control tokens written out are parsed as such; add_bos: BOS first,
+        when the vocabulary adds one)."""
         self._alive()
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (self._L.llama_token * cap)()
-        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
+        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
         if n < 0:
             raise EngineError(f"tokenize: text needs {-n} tokens, buffer held {cap}")
         return list(buf[:n])
@@ -356,12 +364,13 @@ class Engine:
         return RGBImage(img.width, img.height, pixels, key)
 
     def prepare(self, text: str, image: ImageSource | RGBImage | None = None) -> Prompt:
-        """Tokenize a prompt; `text` holds self.marker where the image goes."""
+        """Tokenize a whole prompt (BOS added where the vocabulary adds one); `text` holds self.marker where
+        the image goes. mtmd may cut an image into several chunks (tiles and an overview), each its own."""
         self._alive()
         if image is None:
             if self.has_vision and self.marker in text:
                 raise ValueError("the prompt has an image marker but no image was given")
-            return Prompt([TextChunk(self.tokenize(text))])
+            return Prompt([TextChunk(self.tokenize(text, add_bos=self.add_bos))])
         if not self.has_vision:
             raise ValueError(f"{self.model_path}: no projector (mmproj) loaded, so images cannot be used")
         img = self.rgb_image(image)
@@ -372,7 +381,7 @@ class Engine:
         try:
             data = text.encode("utf-8")
             itext = M.mtmd_input_text()
-            itext.text, itext.text_len, itext.add_special, itext.parse_special = data, len(data), False, True
+            itext.text, itext.text_len, itext.add_special, itext.parse_special = data, len(data), self.add_bos, True
             bitmaps = (ctypes.c_void_p * 1)(bitmap)
             rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
             if rc != 0:
@@ -384,9 +393,14 @@ class Engine:
                 if M.mtmd_input_chunk_get_type(ch) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     n = ctypes.c_size_t(0)
                     ptr = M.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                    out.append(TextChunk(list(ptr[: n.value])))
+                    tokens = list(ptr[: n.value])
+                    if any(t < 0 for t in tokens):  # mtmd looks some family tokens up in the vocabulary
+                        raise ModelFileError(f"{self.model_path}: its vocabulary lacks a token mtmd puts around "
+                                             f"images for this projector ({self.mmproj_path})")
+                    out.append(TextChunk(tokens))
                 else:
-                    out.append(ImageChunk(M.mtmd_input_chunk_copy(ch), key, M.mtmd_input_chunk_get_n_tokens(ch),
+                    index = sum(isinstance(c, ImageChunk) for c in out)  # tiles and overview: each its own
+                    out.append(ImageChunk(M.mtmd_input_chunk_copy(ch), key, index, M.mtmd_input_chunk_get_n_tokens(ch),
                                           M.mtmd_input_chunk_get_n_pos(ch)))
             return Prompt(out)
         finally:
@@ -400,9 +414,11 @@ class Engine:
                 c.chunk = None
 
     def _embeddings(self, chunk: ImageChunk, stats: PrefillStats) -> np.ndarray:
-        cached = self._images.get(chunk.image_key)
+        """The projector's output for one chunk of an image, encoded once (LRU over whole images)."""
+        per_chunk = self._images.setdefault(chunk.image_key, {})
+        self._images.move_to_end(chunk.image_key)
+        cached = per_chunk.get(chunk.index)
         if cached is not None:
-            self._images.move_to_end(chunk.image_key)
             stats.image_cache_hit = True
             return cached
         t0 = time.perf_counter()
@@ -412,7 +428,7 @@ class Engine:
         ptr = self._M.mtmd_get_output_embd(self._mctx)
         embd = np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens * self.n_embd,)).copy()
         stats.image_encode_s += time.perf_counter() - t0
-        self._images[chunk.image_key] = embd
+        per_chunk[chunk.index] = embd
         while len(self._images) > self.config.image_cache:
             self._images.popitem(last=False)
         return embd
@@ -492,7 +508,7 @@ class Engine:
             self._mctx, self._ctx, chunk.chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
             pos, seq, self.config.n_batch, ctypes.byref(new_pos), self._M.mtmd_helper_post_decode_callback(), None)
         if rc != 0:
-            raise EngineError(f"decoding the image failed (code {rc}); is n_ctx ({self.config.n_ctx}) large enough?")
+            raise EngineError(f"decoding the image failed: {self._decode_problem(rc)}")
         stats.tokens_evaluated += chunk.n_tokens
         return new_pos.value
 
@@ -586,14 +602,25 @@ class Engine:
         b.n_tokens = len(rows)
         rc = self._L.llama_decode(self._ctx, b)
         if rc != 0:
-            raise EngineError(f"llama_decode failed (code {rc}): the KV cache (n_ctx={self.config.n_ctx}) "
-                              "is probably full; raise n_ctx or lower the candidates / token budgets")
+            raise EngineError(f"llama_decode failed: {self._decode_problem(rc)}")
         n_out = sum(1 for r in rows if r[3])
         if n_out == 0:
             return []
         # Outputs are stored contiguously in batch order: one copy for the whole batch.
         block = np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab)).copy()
         return list(block)
+
+    def _decode_problem(self, rc: int) -> str:
+        """What llama_decode's return code means (llama.h: 1 no KV slot, 2 aborted, -1 invalid input)."""
+        if rc == 1:
+            return (f"no room in the KV cache (n_ctx={self.config.n_ctx}); raise n_ctx or lower the candidates "
+                    "or token budgets")
+        if rc == 2:
+            return "aborted"
+        if rc == -1:
+            return (f"invalid input batch (code -1): a token id outside the vocabulary of {self.n_vocab} or a "
+                    "position out of order")
+        return f"code {rc} (llama.cpp's error; its log says more with verbose=True)"
 
     def decode_tokens(self, seq: int, tokens: list[int], pos: int) -> np.ndarray:
         """Append tokens to one sequence from position `pos`; logits after the last one."""
@@ -620,10 +647,10 @@ class Engine:
             out += self._run_batch(rows[i:i + self.config.n_batch])
         return np.stack(out)
 
-    def image_embeddings(self, prompt: Prompt) -> np.ndarray:
-        """[n_tokens, n_embd] projector output for the prompt's image (encoded if not cached)."""
-        chunk = next(c for c in prompt.chunks if isinstance(c, ImageChunk))
-        return self._embeddings(chunk, PrefillStats()).reshape(chunk.n_tokens, self.n_embd)
+    def image_embeddings(self, prompt: Prompt) -> list[np.ndarray]:
+        """The projector's output for each of the prompt's image chunks, [n_tokens, n_embd] each."""
+        return [self._embeddings(c, PrefillStats()).reshape(c.n_tokens, self.n_embd)
+                for c in prompt.chunks if isinstance(c, ImageChunk)]
 
     def step(self, entries: list[tuple[int, int, int]]) -> list[np.ndarray]:
         """One token for each of several sequences: entries (seq, token, pos) -> logits each."""

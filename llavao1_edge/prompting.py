@@ -1,4 +1,11 @@
-"""Chat prompts from the GGUF's own chat template, and the format instruction for other models."""
+"""Chat prompts through the model's own chat template, in whatever content form it reads.
+
+Templates read a message's content either as a string or as a list of parts (SmolVLM's and Gemma 3's
+read only lists). The image goes in as mtmd's marker — as a string's first line, or as a text part of
+its own, as llama-server and llama-cpp-python pass it — since mtmd inserts each family's own image
+tokens around it. A rendering that loses the marker or the question is an error naming the model,
+never a silent wrong prompt.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,11 @@ FALLBACK_TEMPLATE = (  # LLaVA-1.5 style, for GGUF files that carry no template
     "{% else %}ASSISTANT: {{ m['content'] }}\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+CONTENT_FORMS = ("string", "parts")
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot carry the prompt; the message names the model."""
 
 
 @lru_cache(maxsize=8)
@@ -28,16 +40,43 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_user_turn(template: str | None, user_text: str, bos: str = "", eos: str = "") -> str:
-    """The prompt for one user message, ending where the assistant starts to answer."""
+def render_user_turn(template: str | None, content, bos: str = "", eos: str = "") -> str:
+    """One user message (`content`: a string or a list of parts), ending where the assistant answers."""
     return _compile(template or FALLBACK_TEMPLATE).render(
-        messages=[{"role": "user", "content": user_text}], add_generation_prompt=True,
-        bos_token=bos, eos_token=eos)
+        messages=[{"role": "user", "content": content}], add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
 
-def user_text(question: str, marker: str | None, instruct_format: bool) -> str:
-    """The user message: image marker first (as LLaVA-CoT trains), then the question."""
-    q = question.strip()
-    if instruct_format:
-        q = f"{q}\n\n{FORMAT_INSTRUCTION}"
-    return f"{marker}\n{q}" if marker else q
+def user_content(question: str, marker: str | None, form: str):
+    """The user message in a content form: the image marker first (as LLaVA-CoT trains), then the question."""
+    if form == "string":
+        return f"{marker}\n{question}" if marker else question
+    return ([{"type": "text", "text": marker}] if marker else []) + [{"type": "text", "text": question}]
+
+
+class ChatTemplate:
+    """A model's chat template, and the content form it reads (found on the first prompt)."""
+
+    def __init__(self, source: str | None, model_name: str, eos: str = ""):
+        self.source, self.model_name, self.eos = source, model_name, eos
+        self.form: str | None = None  # "string" or "parts", once known
+
+    def user_turn(self, question: str, marker: str | None = None, instruct_format: bool = False) -> str:
+        """The rendered prompt for one question (image marker included when given). BOS is not rendered:
+        the tokenizer adds it where the vocabulary says so."""
+        q = question.strip()
+        if instruct_format:
+            q = f"{q}\n\n{FORMAT_INSTRUCTION}"
+        failures = []
+        for form in ([self.form] if self.form else CONTENT_FORMS):
+            try:
+                text = render_user_turn(self.source, user_content(q, marker, form), "", self.eos)
+            except Exception as e:  # a template may refuse a content form (raise_exception) or fail on it
+                failures.append(f"{form} content: {type(e).__name__}: {e}")
+                continue
+            lost = [what for what, part in (("the image marker", marker), ("the question", q))
+                    if part and part not in text]
+            if not lost:
+                self.form = form
+                return text
+            failures.append(f"{form} content: {' and '.join(lost)} missing from the rendered prompt")
+        raise TemplateError(f"{self.model_name}: its chat template cannot carry this prompt ({'; '.join(failures)})")

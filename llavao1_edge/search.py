@@ -21,7 +21,6 @@ from .decoding import ANSWER, SENTENCE, Live, StageStop, Stop, TextState, candid
 from .engine import Engine, Prompt, RGBImage, SeqState
 from .images import ImageSource
 from .options import SearchConfig
-from .prompting import render_user_turn, user_text
 from .sampling import TokenDistribution
 from .selectors import SELECTORS, VerdictDrafts
 from .stages import STAGE_BY_NAME, STAGES, StageStreamParser, parse_answer
@@ -56,7 +55,7 @@ class _Search:
     def prompt(self, text: str, with_image: bool, instruct_format: bool = False) -> Prompt:
         """A one-turn chat prompt (the question, or a judge prompt) through the GGUF's template."""
         marker = self.marker if with_image else None
-        rendered = render_user_turn(self.e.chat_template, user_text(text, marker, instruct_format))
+        rendered = self.e.template.user_turn(text, marker, instruct_format)
         if marker and not isinstance(self.image, RGBImage):  # decoded once; judge prompts reuse it
             self.image = self.e.rgb_image(self.image)
         return self.e.prepare(rendered, self.image if marker else None)

@@ -144,7 +144,7 @@ def test_preprocessing_equals_mtmd_for_any_aspect_ratio(shipped):
         def embeddings(img):
             p = e.prepare(f"<|user|>\n{e.marker}\nhi<|end|>\n<|assistant|>\n", img)
             try:
-                return e.image_embeddings(p)
+                return np.concatenate(e.image_embeddings(p))
             finally:
                 e.free_prompt(p)
                 e.clear_caches()
@@ -503,7 +503,6 @@ def test_judge_batches_fit_the_kv_cache_and_give_the_verdicts_of_a_large_one():
 def test_candidates_sampled_together_equal_each_sampled_alone(shipped_f32, questions):
     """The fast path (candidates share one row, one distribution and one text state while they agree)
     against the reference: each candidate decoded alone, one token per llama_decode, with its own stream."""
-    from llavao1_edge.prompting import render_user_turn, user_text
     from llavao1_edge.sampling import choose
     from llavao1_edge.search import candidate_rng
 
@@ -513,7 +512,7 @@ def test_candidates_sampled_together_equal_each_sampled_alone(shipped_f32, quest
     cands = reasoner.ask(image, q, cfg).steps[0].candidates
     assert len({tuple(c.tokens) for c in cands}) > 1  # they diverged: rows were forked mid-stage
     e = reasoner.engine
-    prompt = e.prepare(render_user_turn(e.chat_template, user_text(q, e.marker, False)), image)
+    prompt = e.prepare(e.template.user_turn(q, e.marker), image)
     state, _ = e.eval_prompt(prompt)
     e.free_prompt(prompt)
     for c in cands:
