@@ -20,6 +20,7 @@ from gguf import Keys
 
 from llavao1_edge.formats import OUTTYPES
 from llavao1_models.checkpoint import load_checkpoint
+from llavao1_models.family import Family
 from llavao1_models.gguf_plan import PlannedFile
 
 from .errors import ExportError
@@ -86,11 +87,12 @@ class ExportResult:
 
 
 def convert_to_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str = "f16",
-                    log: Callable[[str], None] = lambda s: None) -> ExportResult:
-    """Write DIR/NAME-OUTTYPE.gguf and DIR/mmproj-NAME-OUTTYPE.gguf; returns their paths."""
+                    log: Callable[[str], None] = lambda s: None, family: Family | None = None) -> ExportResult:
+    """Write DIR/NAME-OUTTYPE.gguf and DIR/mmproj-NAME-OUTTYPE.gguf; returns their paths. `family`: the
+    checkpoint's family when config.json's architectures do not say it (tests' fixture writers)."""
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    ckpt = load_checkpoint(model_dir)
+    ckpt = load_checkpoint(model_dir, family)
     for w in ckpt.warnings:
         log(f"warning: {w}")
     plans = {"text": ckpt.family.plan_text(ckpt, outtype), "mmproj": ckpt.family.plan_mmproj(ckpt, outtype)}

@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     r.add_argument("-v", "--verbose", action="store_true", help="also show candidates, verdicts and timings")
 
-    i = sub.add_parser("info", help="describe a GGUF file, or (no file) what llama.cpp can use here",
-                       description="With FILE: its architecture, family, sizes, tensor types and metadata. Without: "
-                       "the devices the installed llama.cpp can use (is the GPU used?), CPU features and threads.")
-    i.add_argument("file", nargs="?")
+    i = sub.add_parser("info", help="describe GGUF files, or (no file) what llama.cpp can use here",
+                       description="With FILE (a text model or a projector, or both): architecture, family, how the "
+                       "projector turns an image into tokens, whether the stage tags are single tokens, sizes, tensor "
+                       "types and metadata. Without: the devices the installed llama.cpp can use (is the GPU used?), "
+                       "CPU features and threads.")
+    i.add_argument("files", nargs="*", metavar="FILE")
     i.add_argument("--json", action="store_true")
     return p
 
@@ -132,24 +134,30 @@ def _system(args) -> int:
 def _info(args) -> int:
     from .modelfile import describe
 
-    if args.file is None:
+    if not args.files:
         return _system(args)
-
-    info = describe(args.file)
+    if len(args.files) > 2:
+        raise ValueError("info takes a text model, a projector, or both")
+    infos = [describe(f) for f in args.files]
     if args.json:
-        print(json.dumps(info.to_json(), default=str))
+        print(json.dumps([i.to_json() for i in infos] if len(infos) > 1 else infos[0].to_json(), default=str))
         return 0
-    mib = info.size_bytes / 2**20
-    print(f"{info.path}\n  architecture  {info.architecture}\n  name          {info.name}\n"
-          f"  size          {mib:.1f} MiB, {info.n_params:,} parameters in {info.n_tensors} tensors")
-    print("  tensor types  " + ", ".join(f"{k} x{v}" for k, v in sorted(info.tensor_types.items())))
-    for k, v in info.facts.items():
-        print(f"  {k:<13} {v}" if len(k) <= 13 else f"  {k} {v}")
-    if not info.is_projector:
-        print(f"  four stages   {'yes (trained on the LLaVA-CoT format)' if info.stage_format else 'no (the runtime will force the tags)'}")
-        print(f"  chat template {'yes' if info.chat_template else 'no'}")
-    for k, v in info.metadata.items():
-        print(f"  {k} {v}")
+    for info in infos:
+        mib = info.size_bytes / 2**20
+        print(f"{info.path}\n  architecture  {info.architecture}\n  family        {info.family}\n"
+              f"  name          {info.name}\n"
+              f"  size          {mib:.1f} MiB, {info.n_params:,} parameters in {info.n_tensors} tensors")
+        print("  tensor types  " + ", ".join(f"{k} x{v}" for k, v in sorted(info.tensor_types.items())))
+        if info.is_projector:
+            print(f"  image tokens  {info.image_tokens}")
+        else:
+            print(f"  four stages   {'yes (trained on the LLaVA-CoT format)' if info.stage_format else 'no (the runtime will force the tags)'}")
+            print(f"  stage tags    {'single tokens' if info.stage_tags_single_tokens else 'several tokens each'}")
+            print(f"  chat template {'yes' if info.chat_template else 'no'}")
+        for k, v in info.facts.items():
+            print(f"  {k:<13} {v}" if len(k) <= 13 else f"  {k} {v}")
+        for k, v in info.metadata.items():
+            print(f"  {k} {v}")
     return 0
 
 

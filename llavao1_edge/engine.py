@@ -309,6 +309,12 @@ class Engine:
     def has_vision(self) -> bool:
         return bool(self._mctx)
 
+    @property
+    def pos_lag(self) -> int:
+        """KV cells minus positions of the prompt in sequence 0: an image chunk of an M-RoPE model (Qwen2-VL)
+        takes more cells than positions, and cell budgets count cells."""
+        return max(0, len(self._seq0_keys) - self._seq0_pos)
+
     # -- tokens ---------------------------------------------------------------------------------
 
     def tokenize(self, text: str, special: bool = True, add_bos: bool = False) -> list[int]:
@@ -374,19 +380,9 @@ class Engine:
         if not self.has_vision:
             raise ValueError(f"{self.model_path}: no projector (mmproj) loaded, so images cannot be used")
         img = self.rgb_image(image)
-        key = img.key
         M = self._M
-        bitmap = M.mtmd_bitmap_init(img.width, img.height, (ctypes.c_ubyte * len(img.pixels)).from_buffer_copy(img.pixels))
-        chunks = M.mtmd_input_chunks_init()
+        chunks = self._mtmd_chunks(text, img)
         try:
-            data = text.encode("utf-8")
-            itext = M.mtmd_input_text()
-            itext.text, itext.text_len, itext.add_special, itext.parse_special = data, len(data), self.add_bos, True
-            bitmaps = (ctypes.c_void_p * 1)(bitmap)
-            rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
-            if rc != 0:
-                raise ValueError(f"mtmd could not tokenize the prompt (code {rc}): it needs exactly one "
-                                 f"{self.marker} marker for the image")
             out: list[TextChunk | ImageChunk] = []
             for i in range(M.mtmd_input_chunks_size(chunks)):
                 ch = M.mtmd_input_chunks_get(chunks, i)
@@ -400,12 +396,47 @@ class Engine:
                     out.append(TextChunk(tokens))
                 else:
                     index = sum(isinstance(c, ImageChunk) for c in out)  # tiles and overview: each its own
-                    out.append(ImageChunk(M.mtmd_input_chunk_copy(ch), key, index, M.mtmd_input_chunk_get_n_tokens(ch),
-                                          M.mtmd_input_chunk_get_n_pos(ch)))
+                    out.append(ImageChunk(M.mtmd_input_chunk_copy(ch), img.key, index,
+                                          M.mtmd_input_chunk_get_n_tokens(ch), M.mtmd_input_chunk_get_n_pos(ch)))
             return Prompt(out)
         finally:
             M.mtmd_input_chunks_free(chunks)
+
+    def _mtmd_chunks(self, text: str, img: RGBImage):
+        """mtmd's chunks (an mtmd_input_chunks*, the caller frees it) of a prompt with one image."""
+        M = self._M
+        bitmap = M.mtmd_bitmap_init(img.width, img.height, (ctypes.c_ubyte * len(img.pixels)).from_buffer_copy(img.pixels))
+        chunks = M.mtmd_input_chunks_init()
+        try:
+            data = text.encode("utf-8")
+            itext = M.mtmd_input_text()
+            itext.text, itext.text_len, itext.add_special, itext.parse_special = data, len(data), self.add_bos, True
+            bitmaps = (ctypes.c_void_p * 1)(bitmap)
+            rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
+            if rc != 0:
+                M.mtmd_input_chunks_free(chunks)
+                raise ValueError(f"mtmd could not tokenize the prompt (code {rc}): it needs exactly one "
+                                 f"{self.marker} marker for the image")
+            return chunks
+        finally:
             M.mtmd_bitmap_free(bitmap)
+
+    def helper_eval(self, text: str, image: ImageSource | RGBImage, seq: int) -> np.ndarray:
+        """The logits after a prompt evaluated by llama.cpp's own helper (mtmd_helper_eval_chunks: its
+        tokenization, image encoding and positions, M-RoPE included) into sequence `seq`: the reference
+        path the engine's own prompt evaluation is tested against. `seq` is cleared first."""
+        self._alive()
+        self.drop(seq)
+        chunks = self._mtmd_chunks(text, self.rgb_image(image))
+        try:
+            new_pos = self._L.llama_pos(0)
+            rc = self._M.mtmd_helper_eval_chunks(self._mctx, self._ctx, chunks, 0, seq, self.config.n_batch, True,
+                                                 ctypes.byref(new_pos))
+            if rc != 0:
+                raise EngineError(f"mtmd_helper_eval_chunks failed: {self._decode_problem(rc)}")
+            return np.ctypeslib.as_array(self._L.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,)).copy()
+        finally:
+            self._M.mtmd_input_chunks_free(chunks)
 
     def free_prompt(self, prompt: Prompt) -> None:
         for c in prompt.chunks:

@@ -15,8 +15,10 @@ from pathlib import Path
 from gguf import MODEL_TENSOR, Keys
 
 from . import gguf_keys as K
+from .families import by_projector, by_text_architecture
 from .gguf_header import HeaderError, read_header
 from .gguf_keys import tensor_name
+from .stages import STAGES
 
 
 class ModelFileError(ValueError):
@@ -35,6 +37,9 @@ class ModelInfo:
     params_by_type: dict[str, int]  # ggml type name -> parameter count
     facts: dict[str, object] = field(default_factory=dict)  # widths, layers, vocab, ...
     stage_format: bool = False  # trained on the four-stage format (our metadata key)
+    stage_tags_single_tokens: bool = False  # each stage tag is one token of the vocabulary (text models)
+    family: str = ""  # the vision family its projector type (or text architecture) names
+    image_tokens: str = ""  # how the projector turns an image into tokens (projectors)
     chat_template: str | None = None
     metadata: dict[str, object] = field(default_factory=dict)  # general.* and llavao1.* keys
 
@@ -191,13 +196,20 @@ def describe(path: str | os.PathLike) -> ModelInfo:
             value = _value(reader, key)
             if not (isinstance(value, list) and len(value) > 16):  # no token lists in a summary
                 facts[key[len(prefix):]] = value
+    single_tags, family, image_tokens = False, "", ""
     if arch == K.VISION_ARCHITECTURE:
         facts["projector_type"] = projector_type(reader)
+        fam = by_projector(facts["projector_type"])
+        family = fam.name if fam else f"unknown to llavao1-edge (projector {facts['projector_type']})"
+        image_tokens = fam.image_tokens(facts) if fam else ""
     else:
+        tokens = set(reader.fields[Keys.Tokenizer.LIST].contents())
         facts["vocab_size"] = len(reader.fields[Keys.Tokenizer.LIST])
         facts["tokenizer"] = _value(reader, Keys.Tokenizer.MODEL)
+        single_tags = all(t in tokens for s in STAGES for t in (s.open_tag, s.close_tag))
+        family = " or ".join(f.name for f in by_text_architecture(arch)) or f"a text model ({arch})"
     meta = {k: _value(reader, k) for k in reader.fields
             if k.split(".")[0] in ("general", "llavao1") and k != Keys.General.ARCHITECTURE}
     return ModelInfo(str(p), arch, str(_value(reader, Keys.General.NAME) or p.stem), size, len(reader.tensors), n_params,
-                     dict(types), dict(params), facts, has_stage_format(reader),
+                     dict(types), dict(params), facts, has_stage_format(reader), single_tags, family, image_tokens,
                      chat_template(reader), meta)

@@ -73,7 +73,7 @@ class _Search:
         their final states. `unit` names the stage for events (None: the answer's own tags say)."""
         pool = self.e.sequences
         judged_step = not stop.judge and len(starts) > 1 and self.selector.judges
-        base = max(st.pos for st in starts)  # cells of the shared prefix
+        base = max(st.pos for st in starts) + self.e.pos_lag  # cells of the shared prefix
         limit = pool.candidate_cell_limit(judged_step)
         lives = []
         shared: dict[int, TextState] = {}  # starts on one sequence are in lockstep: one text state

@@ -24,8 +24,8 @@ class CheckpointError(ValueError):
 
 
 
-def read_image_stats(folder: str | Path) -> tuple[list[float], list[float]] | None:
-    """(image_mean, image_std) from a checkpoint's processor config, or None when there is none."""
+def read_image_processor(folder: str | Path) -> dict:
+    """The image processor's settings from a checkpoint's processor config ({} when there is none)."""
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = Path(folder) / name
         if path.is_file():
@@ -35,8 +35,14 @@ def read_image_stats(folder: str | Path) -> tuple[list[float], list[float]] | No
                 raise CheckpointError(f"{path}: not valid JSON ({e})") from None
             cfg = cfg.get("image_processor", cfg)
             if "image_mean" in cfg and "image_std" in cfg:
-                return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
-    return None
+                return cfg
+    return {}
+
+
+def read_image_stats(folder: str | Path) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) from a checkpoint's processor config, or None when there is none."""
+    cfg = read_image_processor(folder)
+    return ([float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]) if cfg else None
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -56,6 +62,7 @@ class Checkpoint:
     image_std: list[float]
     sha256: str  # of the safetensors files, in name order
     family: Family | None = None  # what models.family says this checkpoint is
+    processor: dict = field(default_factory=dict)  # the image processor's settings
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -152,11 +159,11 @@ def load_checkpoint(model_dir: str | Path, family=None) -> Checkpoint:
     template_file = root / "chat_template.jinja"
     chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else \
         tokenizer_config.get("chat_template")
-    stats = read_image_stats(root)
-    if stats is None:
+    processor = read_image_processor(root)
+    if not processor:
         raise CheckpointError(f"{root}: no preprocessor_config.json or processor_config.json with image_mean/image_std")
-    mean, std = stats
+    mean, std = ([float(v) for v in processor[k]] for k in ("image_mean", "image_std"))
     tensors, sha = _load_tensors(_safetensors_files(root))
-    ckpt = Checkpoint(root, config, tensors, tokenizer, tokenizer_config, chat_template, mean, std, sha, fam)
+    ckpt = Checkpoint(root, config, tensors, tokenizer, tokenizer_config, chat_template, mean, std, sha, fam, processor)
     ckpt.warnings += fam.warnings(ckpt)
     return ckpt

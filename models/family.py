@@ -15,7 +15,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint, CheckpointError
 from .gguf_plan import PlannedFile
 
-_MODULES = ("llava",)  # modules of this package that declare a FAMILY
+_MODULES = ("llava", "idefics3", "qwen2vl")  # modules of this package that declare a FAMILY
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ class PlannedFile:
         """Add a key; `{arch}` in its name (gguf.Keys.LLM.*) is filled in."""
         self.keys.append((key.format(arch=self.arch), vtype, value, item_type))
 
-    def tensor(self, name: str, data: np.ndarray) -> None:
-        """Add a tensor: norms, biases and other 1-D tensors stay F32, matrices take the out-type."""
+    def tensor(self, name: str, data: np.ndarray, f32: bool = False) -> None:
+        """Add a tensor: norms, biases and other 1-D tensors (and any with f32) stay F32, matrices take the
+        out-type."""
         data = np.ascontiguousarray(data, dtype=np.float32)
-        qtype = Q.F32 if data.ndim < 2 else Q[OUTTYPES[self.outtype].tensor_type]
+        qtype = Q.F32 if data.ndim < 2 or f32 else Q[OUTTYPES[self.outtype].tensor_type]
         self.tensors.append((name, data, qtype))
 
     def value(self, key: str):

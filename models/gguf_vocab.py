@@ -38,12 +38,15 @@ def pre_tokenizer_name(tok: dict, where: Path) -> str:
         return "gpt-2"
     if pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers", [])
+        kinds = [p.get("type") for p in parts]
+        if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+            return "smollm"  # SmolLM's: each digit alone, then GPT-2's split
         splits = [p for p in parts if p.get("type") == "Split"]
         byte_level = [p for p in parts if p.get("type") == "ByteLevel" and not p.get("use_regex", True)]
         if len(splits) == 1 and byte_level and splits[0].get("pattern", {}).get("Regex") in _SPLIT_PATTERNS:
             return _SPLIT_PATTERNS[splits[0]["pattern"]["Regex"]]
     raise CheckpointError(f"{where}: pre-tokenizer {pre.get('type', 'none')!r} is not supported; supported: byte-level "
-                          "BPE with the GPT-2 split (tokenizers' ByteLevel) or Qwen2's split")
+                          "BPE with GPT-2's, SmolLM's or Qwen2's split")
 
 
 def _is_spm_bpe(tok: dict) -> bool:

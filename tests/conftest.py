@@ -144,6 +144,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session")
+def families(tmp_path_factory, shapes_texts):
+    """name -> FamilyFixture: a tiny random checkpoint and its F32 GGUF pair for each family in tests/families.py."""
+    from families import FAMILIES, build
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build(name, shapes_texts, root) for name in FAMILIES}
+
+
 @dataclass
 class Trained:
     data: Path  # shapes dataset the model was trained on

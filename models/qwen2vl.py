@@ -1,0 +1,171 @@
+"""The Qwen2-VL family: Qwen2-VL and Qwen2.5-VL (a ViT with 2-D RoPE and a 2x2 patch merger, a Qwen2 decoder
+with multimodal RoPE).
+
+As GGUF: a `qwen2vl` text model (M-RoPE sections written as four integers, the Qwen2 pre-tokenizer) and a
+`qwen2vl_merger` / `qwen2.5vl_merger` projector. The 3-D patch embedding (two frames) becomes two 2-D
+kernels, the fused q/k/v of each block three tensors; Qwen2.5-VL's tower uses RMSNorm, a gated SiLU MLP
+and window attention, with full attention every n-th block (`clip.vision.n_wa_pattern`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import MODEL_TENSOR as MT
+from gguf import GGUFValueType as T
+from gguf import Keys
+
+from llavao1_edge import gguf_keys as K
+from llavao1_edge.gguf_keys import tensor_name
+
+from .checkpoint import Checkpoint, CheckpointError
+from .family import Family
+from .gguf_plan import PlannedFile, new_plan
+from .gguf_vocab import plan_tokenizer
+from .llama import stage_keys
+
+TEXT_BLOCK = {"input_layernorm": MT.ATTN_NORM, "self_attn.q_proj": MT.ATTN_Q, "self_attn.k_proj": MT.ATTN_K,
+              "self_attn.v_proj": MT.ATTN_V, "self_attn.o_proj": MT.ATTN_OUT, "post_attention_layernorm": MT.FFN_NORM,
+              "mlp.gate_proj": MT.FFN_GATE, "mlp.up_proj": MT.FFN_UP, "mlp.down_proj": MT.FFN_DOWN}
+VISION_MLP = {"qwen2_vl": {"mlp.fc1": MT.V_ENC_FFN_UP, "mlp.fc2": MT.V_ENC_FFN_DOWN},
+              "qwen2_5_vl": {"mlp.gate_proj": MT.V_ENC_FFN_GATE, "mlp.up_proj": MT.V_ENC_FFN_UP,
+                             "mlp.down_proj": MT.V_ENC_FFN_DOWN}}
+PROJECTOR_TYPES = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
+IMAGE_SIZE = 560  # clip.vision.image_size: mtmd sizes images itself for these projectors; llama.cpp's converter's value
+
+
+def _prefixes(ckpt: Checkpoint) -> tuple[str, str]:
+    """(text, vision) weight prefixes: transformers 5 in memory, or the layout it saves."""
+    t = ckpt.tensors
+    text = "model.language_model." if "model.language_model.embed_tokens.weight" in t else "model."
+    vision = "model.visual." if any(k.startswith("model.visual.") for k in t) else "visual."
+    return text, vision
+
+
+def check_config(config: dict, where: Path) -> None:
+    if config.get("model_type") not in PROJECTOR_TYPES:
+        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is not qwen2_vl or qwen2_5_vl")
+    vc = config.get("vision_config", {})
+    if vc.get("spatial_merge_size", 2) != 2 or vc.get("temporal_patch_size", 2) != 2:
+        raise CheckpointError(f"{where}: llama.cpp's qwen2vl projector needs spatial_merge_size 2 and temporal_patch_size 2")
+    if config["model_type"] == "qwen2_5_vl":
+        full = vc.get("fullatt_block_indexes") or []
+        n = full[0] + 1 if full else 0
+        if not full or any(b != (i + 1) * n - 1 for i, b in enumerate(full)):
+            raise CheckpointError(f"{where}: fullatt_block_indexes {full} are not every n-th block, which is what "
+                                  "llama.cpp's window attention runs")
+
+
+def _text_config(ckpt: Checkpoint) -> dict:
+    return ckpt.config.get("text_config") or ckpt.config
+
+
+def mrope_sections(ckpt: Checkpoint) -> list[int]:
+    tc = _text_config(ckpt)
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+    sections = list(rope.get("mrope_section") or [16, 24, 24])  # transformers' default when the config has none
+    head_dim = tc["hidden_size"] // tc["num_attention_heads"]
+    if sum(sections) * 2 != head_dim:
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: mrope_section {sections} does not cover half of head_dim "
+                              f"{head_dim}")
+    return sections + [0] * (4 - len(sections))
+
+
+def plan_text(ckpt: Checkpoint, outtype: str) -> PlannedFile:
+    tc, t = _text_config(ckpt), ckpt.tensors
+    text, _ = _prefixes(ckpt)
+    plan = new_plan("qwen2vl", outtype, ckpt.name, ckpt.sha256)
+    n_head, n_layers = tc["num_attention_heads"], tc["num_hidden_layers"]
+    rope = tc.get("rope_parameters") or {}
+    emb = t[text + "embed_tokens.weight"]
+    plan.kv(Keys.LLM.CONTEXT_LENGTH, T.UINT32, int(tc.get("max_position_embeddings", 32768)))
+    plan.kv(Keys.LLM.EMBEDDING_LENGTH, T.UINT32, tc["hidden_size"])
+    plan.kv(Keys.LLM.BLOCK_COUNT, T.UINT32, n_layers)
+    plan.kv(Keys.LLM.FEED_FORWARD_LENGTH, T.UINT32, tc["intermediate_size"])
+    plan.kv(Keys.Attention.HEAD_COUNT, T.UINT32, n_head)
+    plan.kv(Keys.Attention.HEAD_COUNT_KV, T.UINT32, tc.get("num_key_value_heads") or n_head)
+    # llama.cpp 0.3.36 reads no epsilon for qwen2vl (it uses 0); written for the readers that do
+    plan.kv(Keys.Attention.LAYERNORM_RMS_EPS, T.FLOAT32, float(tc.get("rms_norm_eps", 1e-6)))
+    plan.kv(Keys.Rope.FREQ_BASE, T.FLOAT32, float(rope.get("rope_theta", tc.get("rope_theta", 1e6))))
+    plan.kv(Keys.Rope.DIMENSION_SECTIONS, T.ARRAY, mrope_sections(ckpt), T.INT32)
+    plan.kv(Keys.LLM.VOCAB_SIZE, T.UINT32, emb.shape[0])
+    plan_tokenizer(plan, ckpt, emb.shape[0])
+    stage_keys(plan, ckpt)
+    plan.tensor(tensor_name(MT.TOKEN_EMBD), emb)
+    plan.tensor(tensor_name(MT.OUTPUT_NORM), t[text + "norm.weight"])
+    tied = ckpt.config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
+    if not tied and "lm_head.weight" in t:
+        plan.tensor(tensor_name(MT.OUTPUT), t["lm_head.weight"])
+    for i in range(n_layers):  # no Q/K row permutation: M-RoPE rotates HF's halves, as transformers does
+        for hf, kind in TEXT_BLOCK.items():
+            plan.tensor(tensor_name(kind, i), t[f"{text}layers.{i}.{hf}.weight"])
+            if kind in (MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V):
+                plan.tensor(tensor_name(kind, i, "bias"), t[f"{text}layers.{i}.{hf}.bias"])
+    return plan
+
+
+def plan_mmproj(ckpt: Checkpoint, outtype: str) -> PlannedFile:
+    vc, t, kind = ckpt.vision_config, ckpt.tensors, ckpt.config["model_type"]
+    _, v = _prefixes(ckpt)
+    plan = new_plan(K.VISION_ARCHITECTURE, outtype, ckpt.name, ckpt.sha256)
+    qwen25 = kind == "qwen2_5_vl"
+    width = vc["hidden_size"] if qwen25 else vc["embed_dim"]
+    ffn = vc["intermediate_size"] if qwen25 else int(vc["embed_dim"] * vc.get("mlp_ratio", 4))
+    out_width = vc["out_hidden_size"] if qwen25 else vc["hidden_size"]
+    n_layers = vc["depth"]
+    if ffn == width:  # llama.cpp's loader would swap the MLP's up and down weights
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: a vision MLP as wide as the tower ({width}) is read "
+                              "the wrong way round by llama.cpp")
+    CV = Keys.ClipVision
+    plan.kv(Keys.Clip.HAS_VISION_ENCODER, T.BOOL, True)
+    plan.kv(Keys.Clip.PROJECTOR_TYPE, T.STRING, PROJECTOR_TYPES[kind])
+    plan.kv(CV.IMAGE_SIZE, T.UINT32, IMAGE_SIZE)
+    plan.kv(CV.PATCH_SIZE, T.UINT32, vc["patch_size"])
+    plan.kv(CV.EMBEDDING_LENGTH, T.UINT32, width)
+    plan.kv(CV.FEED_FORWARD_LENGTH, T.UINT32, ffn)
+    plan.kv(CV.BLOCK_COUNT, T.UINT32, n_layers)
+    plan.kv(CV.PROJECTION_DIM, T.UINT32, out_width)
+    plan.kv(CV.Attention.HEAD_COUNT, T.UINT32, vc["num_heads"])
+    plan.kv(CV.Attention.LAYERNORM_EPS, T.FLOAT32, 1e-6)  # transformers builds every vision norm with 1e-6
+    plan.kv(CV.IMAGE_MEAN, T.ARRAY, [float(x) for x in ckpt.image_mean], T.FLOAT32)
+    plan.kv(CV.IMAGE_STD, T.ARRAY, [float(x) for x in ckpt.image_std], T.FLOAT32)
+    if qwen25:
+        plan.kv(CV.USE_SILU, T.BOOL, True)
+        plan.kv(CV.N_WA_PATTERN, T.UINT32, vc["fullatt_block_indexes"][0] + 1)
+    elif vc.get("hidden_act", "quick_gelu") != "quick_gelu":  # llama.cpp's default for this projector
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: vision activation {vc['hidden_act']!r} is not supported")
+
+    def get(key: str) -> np.ndarray:
+        if v + key not in t:
+            raise CheckpointError(f"{ckpt.path}: tensor {v + key} is missing")
+        return t[v + key]
+
+    patch = get("patch_embed.proj.weight")  # [out, 3, 2 frames, p, p]: one 2-D kernel per frame
+    plan.tensor(tensor_name(MT.V_ENC_EMBD_PATCH), patch[:, :, 0], f32=True)
+    plan.tensor(tensor_name(MT.V_ENC_EMBD_PATCH, suffix="weight.1"), patch[:, :, 1], f32=True)
+    norms = ("weight",) if qwen25 else ("weight", "bias")  # RMSNorm has no bias
+    for i in range(n_layers):
+        b = f"blocks.{i}."
+        for suffix in ("weight", "bias"):
+            for part, kind_ in zip(np.split(get(b + f"attn.qkv.{suffix}"), 3), (MT.V_ENC_ATTN_Q, MT.V_ENC_ATTN_K,
+                                                                                 MT.V_ENC_ATTN_V), strict=True):
+                plan.tensor(tensor_name(kind_, i, suffix), part)
+            plan.tensor(tensor_name(MT.V_ENC_ATTN_O, i, suffix), get(b + f"attn.proj.{suffix}"))
+            for hf, kind_ in VISION_MLP[kind].items():
+                plan.tensor(tensor_name(kind_, i, suffix), get(b + f"{hf}.{suffix}"))
+        for suffix in norms:
+            plan.tensor(tensor_name(MT.V_ENC_INPUT_NORM, i, suffix), get(b + f"norm1.{suffix}"))
+            plan.tensor(tensor_name(MT.V_ENC_POST_ATTN_NORM, i, suffix), get(b + f"norm2.{suffix}"))
+    for suffix in norms:
+        plan.tensor(tensor_name(MT.V_POST_NORM, suffix=suffix), get(f"merger.ln_q.{suffix}"))
+    for layer in (0, 2):
+        for suffix in ("weight", "bias"):
+            plan.tensor(tensor_name(MT.V_MMPROJ, layer, suffix), get(f"merger.mlp.{layer}.{suffix}"))
+    if get("merger.mlp.2.weight").shape[0] != _text_config(ckpt)["hidden_size"]:
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: the merger's output width does not match the text model's")
+    return plan
+
+
+FAMILY = Family("qwen2vl", ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"), "qwen2vl",
+                "qwen2vl_merger", plan_text, plan_mmproj, check_config=check_config)
