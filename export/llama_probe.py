@@ -19,13 +19,16 @@ def probe(req: dict) -> dict[str, np.ndarray]:
                        n_threads=req.get("threads", 0))
     out: dict[str, np.ndarray] = {}
     with Engine(req["model"], req.get("mmproj"), cfg) as e:
-        ids = e.tokenize(req["text_prompt"])
+        ids = e.tokenize(req["text_prompt"], add_bos=e.add_bos)  # as the runtime tokenizes a prompt
         logits = e.score(0, ids + req["text_continuation"], 0)
         out["text_ids"] = np.array(ids)
+        out["eos_is_eog"] = np.array(req.get("eos") is not None and e.is_eog(req["eos"]))
         out["text_logits"] = logits[: len(ids)]
         out["text_argmax"] = logits[len(ids) - 1:].argmax(-1)  # greedy choice at each continuation step
         if req.get("mmproj"):
-            prompt = e.prepare(req["image_prompt"].replace("<image>", e.marker), req["image"])
+            if e.marker not in req["image_prompt"]:
+                raise SystemExit(f"the image prompt lacks llama.cpp's marker {e.marker}")
+            prompt = e.prepare(req["image_prompt"], req["image"])
             state, _ = e.eval_prompt(prompt)
             chunks = e.image_embeddings(prompt)  # one per image chunk (tiles and overview for slicing projectors)
             out["image_embd"] = np.concatenate(chunks)

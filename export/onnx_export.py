@@ -91,7 +91,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quant:
 
     if quant not in ONNX_QUANTS:
         raise ExportError(f"--quant must be one of {', '.join(ONNX_QUANTS)}, got {quant!r}")
-    ckpt = load_checkpoint(model_dir)  # clear errors for broken folders before torch loads anything
+    ckpt = load_checkpoint(model_dir, weights=False)  # clear errors for broken folders before torch loads anything
+    if ckpt.family.name != "llava":
+        raise ExportError(f"{model_dir}: the ONNX export covers the LLaVA family (LlavaForConditionalGeneration) only; "
+                          f"this is {ckpt.family.name}: export it as GGUF")
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
                                                           attn_implementation="eager").eval()
     cfg = model.config

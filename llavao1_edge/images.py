@@ -80,6 +80,18 @@ def load_image(source: ImageSource) -> Image.Image:
     return _to_rgb(img)
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as load_image returns it (EXIF orientation applied), read from its
+    header without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1) if img.format not in _NO_ORIENTATION or "exif" in img.info else 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # the orientations that turn the image a quarter
+
+
 def _check_size(img: Image.Image, name: str) -> None:
     w, h = img.size
     if w < 1 or h < 1:
@@ -110,19 +122,74 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def fit_to_square(img: Image.Image, size: int) -> Image.Image:
-    """mtmd's fixed-size rule: scale to fit (ceil), bicubic, centre on the pad colour."""
-    w, h = img.size
-    if (w, h) == (size, size):
+def resize(img: Image.Image, width: int, height: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """mtmd's resize: Pillow's filters, horizontally then vertically with 8-bit rounding between the passes
+    (Pillow picks the order itself, vertical first for portrait images, so the two passes are explicit)."""
+    if img.size == (width, height):
         return img.copy()
-    scale = min(size / w, size / h)
-    new_w, new_h = min(math.ceil(w * scale), size), min(math.ceil(h * scale), size)
-    # mtmd resamples horizontally, then vertically (8-bit rounding between the passes); Pillow picks
-    # the order itself (vertical first for portrait images), so the two passes are made explicit.
-    resized = img.resize((new_w, h), Image.Resampling.BICUBIC).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    out = Image.new("RGB", (size, size), MTMD_PAD_COLOR)
-    out.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+    return img.resize((width, img.height), resample).resize((width, height), resample)
+
+
+def fit_into(img: Image.Image, width: int, height: int, pad_color=(0, 0, 0),
+             resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """mtmd's padded resize (PAD_CEIL): scaled to fit, keeping its aspect (sides rounded up), centred on pad_color."""
+    w, h = img.size
+    if (w, h) == (width, height):
+        return img.copy()
+    scale = min(width / w, height / h)
+    new_w, new_h = min(math.ceil(w * scale), width), min(math.ceil(h * scale), height)
+    out = Image.new("RGB", (width, height), pad_color)
+    out.paste(resize(img, new_w, new_h, resample), ((width - new_w) // 2, (height - new_h) // 2))
     return out
+
+
+def fit_to_square(img: Image.Image, size: int) -> Image.Image:
+    """mtmd's fixed-size rule of LLaVA's "mlp" projector: fitted into a square on the pad colour, bicubic."""
+    return fit_into(img, size, size, MTMD_PAD_COLOR)
+
+
+def _sliced_size(width: int, height: int, longest_edge: int) -> tuple[int, int]:
+    """The size before tiling: the longest edge to `longest_edge`, the other side even."""
+    if width >= height:
+        w, h = longest_edge, int(longest_edge / (width / height))
+        return w, h + h % 2
+    w, h = int(longest_edge * (width / height)), longest_edge
+    return w + w % 2, h
+
+
+def slice_grid(width: int, height: int, longest_edge: int, tile: int) -> tuple[int, int]:
+    """(rows, cols) of tiles slice_tiles cuts an image of this size into."""
+    w, h = _sliced_size(width, height, longest_edge)
+    return -(-h // tile), -(-w // tile)
+
+
+def slice_tiles(img: Image.Image, longest_edge: int, tile: int) -> tuple[list[Image.Image], int, int]:
+    """mtmd's (and transformers') Idefics3/SmolVLM slicing: the longest edge resized to `longest_edge` (the
+    other side even), both sides then stretched up to multiples of `tile`, cut into tiles row by row, and the
+    whole image shrunk to one tile as the overview. Returns (tiles then the overview, rows, cols)."""
+    rw, rh = _sliced_size(*img.size, longest_edge)
+    rows, cols = slice_grid(*img.size, longest_edge, tile)
+    refined = resize(resize(img, rw, rh, Image.Resampling.LANCZOS), cols * tile, rows * tile, Image.Resampling.LANCZOS)
+    tiles = [refined.crop((x * tile, y * tile, (x + 1) * tile, (y + 1) * tile)) for y in range(rows) for x in range(cols)]
+    return [*tiles, resize(refined, tile, tile, Image.Resampling.LANCZOS)], rows, cols
+
+
+def dynamic_size(width: int, height: int, align: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """mtmd's (and transformers' smart_resize) size for dynamic-resolution towers (Qwen2-VL): sides rounded to
+    multiples of `align`, then scaled down (or up) into [min_pixels, max_pixels] keeping the aspect."""
+    w_bar = max(align, int(_round_half_away(width / align)) * align)
+    h_bar = max(align, int(_round_half_away(height / align)) * align)
+    if w_bar * h_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar, w_bar = max(align, math.floor(height / beta / align) * align), max(align, math.floor(width / beta / align) * align)
+    elif w_bar * h_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / align) * align, math.ceil(width * beta / align) * align
+    return w_bar, h_bar
+
+
+def _round_half_away(x: float) -> float:
+    return math.floor(x + 0.5)  # C's std::round for the positive sizes here (Python's round is half-to-even)
 
 
 def normalise(img: Image.Image, mean, std) -> np.ndarray:

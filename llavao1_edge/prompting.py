@@ -25,6 +25,7 @@ FALLBACK_TEMPLATE = (  # LLaVA-1.5 style, for GGUF files that carry no template
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 CONTENT_FORMS = ("string", "parts")
+MEDIA_MARKER = "<__media__>"  # mtmd_default_marker(): where mtmd puts an image (a test holds the two equal)
 
 
 class TemplateError(ValueError):

@@ -120,27 +120,34 @@ def canonical_name(key: str) -> str:
     return key
 
 
-def _load_tensors(files: list[Path]) -> tuple[dict[str, np.ndarray], str]:
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    tensors: dict[str, np.ndarray] = {}
+def weights_sha256(files: list[Path]) -> str:
+    """sha256 of a checkpoint's safetensors files, in order: what exported files name as their source."""
     digest = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_tensors(files: list[Path]) -> dict[str, np.ndarray]:
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensors[canonical_name(key)] = st.get_tensor(key).to(torch.float32).numpy()
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
-    return tensors, digest.hexdigest()
+    return tensors
 
 
-def load_checkpoint(model_dir: str | Path, family=None) -> Checkpoint:
-    """Read a checkpoint folder whose config.json names a supported family (models.family)."""
+def load_checkpoint(model_dir: str | Path, family=None, weights: bool = True) -> Checkpoint:
+    """Read a checkpoint folder whose config.json names a supported family (models.family); weights=False
+    leaves the tensors out, for callers that load the model with transformers."""
     from .family import family_for
 
     root = Path(model_dir)
@@ -163,7 +170,8 @@ def load_checkpoint(model_dir: str | Path, family=None) -> Checkpoint:
     if not processor:
         raise CheckpointError(f"{root}: no preprocessor_config.json or processor_config.json with image_mean/image_std")
     mean, std = ([float(v) for v in processor[k]] for k in ("image_mean", "image_std"))
-    tensors, sha = _load_tensors(_safetensors_files(root))
+    files = _safetensors_files(root)
+    tensors, sha = (_load_tensors(files) if weights else {}), weights_sha256(files)
     ckpt = Checkpoint(root, config, tensors, tokenizer, tokenizer_config, chat_template, mean, std, sha, fam, processor)
     ckpt.warnings += fam.warnings(ckpt)
     return ckpt

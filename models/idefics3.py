@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from gguf import MODEL_TENSOR as MT
 from gguf import GGUFValueType as T
 from gguf import Keys
@@ -19,10 +20,10 @@ from llavao1_edge import gguf_keys as K
 from llavao1_edge.gguf_keys import tensor_name
 
 from .checkpoint import Checkpoint, CheckpointError
-from .family import Family
+from .family import Family, VisionInputs
 from .gguf_plan import PlannedFile, new_plan
 from .llama import plan_llama_text
-from .llava import VISION_BLOCK_TENSORS
+from .llava import LINEAR_SIGLIP, LINEAR_TEXT, VISION_BLOCK_TENSORS
 
 VISION = "model.vision_model."
 CONNECTOR = "model.connector.modality_projection.proj.weight"
@@ -104,5 +105,62 @@ def warnings(ckpt: Checkpoint) -> list[str]:
     return [f"the vocabulary lacks {', '.join(missing)}: llama.cpp cannot frame images for this model"] if missing else []
 
 
+# ---------------------------------------------------------------------------------------------
+# transformers: images as tiles and an overview
+
+
+class Idefics3Inputs(VisionInputs):
+    """An image sliced as mtmd slices it (tiles row by row, then the overview), each tile one image chunk of
+    (tile / patch)² / scale² tokens, framed by the tokens transformers' processor writes around it."""
+
+    FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
+
+    def __init__(self, config: dict, processor: dict, tokenizer, image_tokens=None):
+        super().__init__(config, processor, tokenizer, image_tokens)
+        vc = config["vision_config"]
+        self.tile = vc["image_size"]
+        self.longest_edge = int((processor.get("size") or {}).get("longest_edge") or self.tile)
+        self.tokens_per_tile = (self.tile // vc["patch_size"]) ** 2 // int(config.get("scale_factor", 2)) ** 2
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        from llavao1_edge.images import slice_grid
+
+        return slice_grid(width, height, self.longest_edge, self.tile)
+
+    def prompt(self, width: int, height: int) -> str:
+        rows, cols = self.grid(width, height)
+        tile = self.image_token * self.tokens_per_tile
+        text = "".join("".join(f"{self.FAKE}<row_{r + 1}_col_{c + 1}>{tile}" for c in range(cols)) + "\n"
+                       for r in range(rows))
+        return text + f"\n{self.FAKE}{self.GLOBAL}{tile}{self.FAKE}"
+
+    def arrays(self, img) -> dict[str, np.ndarray]:
+        from llavao1_edge.images import normalise, slice_tiles
+
+        tiles, _, _ = slice_tiles(img, self.longest_edge, self.tile)
+        px = np.stack([normalise(t, self.processor["image_mean"], self.processor["image_std"]) for t in tiles])
+        return {"pixel_values": px[None], "pixel_attention_mask": np.ones((1, len(tiles), self.tile, self.tile), bool)}
+
+    def batch(self, items: list[dict | None]) -> dict[str, np.ndarray]:
+        """Tiles padded with all-zero images (transformers drops those) to the batch's most tiles."""
+        present = [i for i in items if i is not None]
+        if not present:
+            return {}
+        most = max(i["pixel_values"].shape[1] for i in present)
+        px = np.zeros((len(items), most, 3, self.tile, self.tile), np.float32)
+        mask = np.zeros((len(items), most, self.tile, self.tile), bool)
+        for b, i in enumerate(items):
+            if i is not None:
+                n = i["pixel_values"].shape[1]
+                px[b, :n], mask[b, :n] = i["pixel_values"][0], i["pixel_attention_mask"][0]
+        return {"pixel_values": px, "pixel_attention_mask": mask}
+
+    def features(self, model, tensors: dict) -> list:
+        out = model.model.get_image_features(**tensors).pooler_output[0]  # [tiles x tokens, width]
+        return list(out.split(self.tokens_per_tile))
+
+
 FAMILY = Family("idefics3", ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"), "llama",
-                "idefics3", plan_text, plan_mmproj, check_config=check_config, warnings=warnings)
+                "idefics3", plan_text, plan_mmproj, check_config=check_config, warnings=warnings, inputs=Idefics3Inputs,
+                text_module="text_model", vision_module="vision_model", projector_module="connector",
+                lora_text=rf".*text_model.*\.{LINEAR_TEXT}", lora_vision=rf".*vision_model.*layers\.\d+\..*{LINEAR_SIGLIP}")

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from gguf import MODEL_TENSOR as MT
 from gguf import GGUFValueType as T
 from gguf import Keys
@@ -22,7 +23,7 @@ from llavao1_edge import gguf_keys as K
 from llavao1_edge.gguf_keys import tensor_name
 
 from .checkpoint import Checkpoint, CheckpointError
-from .family import Family
+from .family import Family, VisionInputs
 from .gguf_plan import PlannedFile, new_plan
 from .llama import plan_llama_text
 
@@ -58,10 +59,12 @@ class ModelSpec:
 
 
 def image_token_count(config) -> int:
-    """Placeholder tokens one image takes in a LLaVA config: every patch, plus CLS if it is kept."""
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    if vc.model_type == "clip_vision_model" and config.vision_feature_select_strategy == "full":
+    """Placeholder tokens one image takes in a LLaVA config (a dict or a transformers config): every patch,
+    plus CLS if it is kept."""
+    c = config if isinstance(config, dict) else config.to_dict()
+    vc = c["vision_config"]
+    n = (vc["image_size"] // vc["patch_size"]) ** 2
+    if vc.get("model_type") == "clip_vision_model" and c.get("vision_feature_select_strategy") == "full":
         n += 1
     return n
 
@@ -257,5 +260,47 @@ def plan_mmproj(ckpt: Checkpoint, outtype: str) -> PlannedFile:
     return plan
 
 
+# ---------------------------------------------------------------------------------------------
+# transformers: images, LoRA targets, unused tower weights
+
+
+class LlavaInputs(VisionInputs):
+    """One fixed-size image: fitted into the tower's square on mtmd's pad colour, one token per patch."""
+
+    def prompt(self, width: int, height: int) -> str:
+        return self.image_token * image_token_count(self.config)
+
+    def arrays(self, img) -> dict[str, np.ndarray]:
+        from llavao1_edge.images import preprocess
+
+        size = self.config["vision_config"]["image_size"]
+        return {"pixel_values": preprocess(img, size, self.processor["image_mean"], self.processor["image_std"])[None]}
+
+    def features(self, model, tensors: dict) -> list:
+        return [model.model.get_image_features(pixel_values=tensors["pixel_values"]).pooler_output[0]]
+
+
+def freeze_unused(model) -> list[str]:
+    """LLaVA reads the tower's hidden states: its post-layernorm and any blocks past the feature layer never
+    get gradients. Freeze them (DDP requires it, and they need no optimizer state)."""
+    tower = model.model.vision_tower
+    keep = vision_blocks(model.config.vision_config.num_hidden_layers, model.config.vision_feature_layer)
+    frozen = []
+    for name, p in tower.named_parameters():
+        parts = name.split(".")
+        unused = "post_layernorm" in parts or "head" in parts
+        if "layers" in parts:
+            unused |= int(parts[parts.index("layers") + 1]) >= keep
+        if unused and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+LINEAR_TEXT = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LINEAR_SIGLIP = r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+
 FAMILY = Family("llava", ("LlavaForConditionalGeneration",), "llama", "mlp", plan_text, plan_mmproj,
-                check_config=check_config, warnings=warnings)
+                check_config=check_config, warnings=warnings, inputs=LlavaInputs,
+                lora_text=rf".*language_model.*\.{LINEAR_TEXT}", lora_vision=rf".*vision_tower.*layers\.\d+\..*{LINEAR_SIGLIP}",
+                train_projector=True, freeze_unused=freeze_unused)

@@ -20,10 +20,11 @@ from llavao1_edge import gguf_keys as K
 from llavao1_edge.gguf_keys import tensor_name
 
 from .checkpoint import Checkpoint, CheckpointError
-from .family import Family
+from .family import Family, VisionInputs
 from .gguf_plan import PlannedFile, new_plan
 from .gguf_vocab import plan_tokenizer
 from .llama import stage_keys
+from .llava import LINEAR_TEXT
 
 TEXT_BLOCK = {"input_layernorm": MT.ATTN_NORM, "self_attn.q_proj": MT.ATTN_Q, "self_attn.k_proj": MT.ATTN_K,
               "self_attn.v_proj": MT.ATTN_V, "self_attn.o_proj": MT.ATTN_OUT, "post_attention_layernorm": MT.FFN_NORM,
@@ -32,6 +33,8 @@ VISION_MLP = {"qwen2_vl": {"mlp.fc1": MT.V_ENC_FFN_UP, "mlp.fc2": MT.V_ENC_FFN_D
               "qwen2_5_vl": {"mlp.gate_proj": MT.V_ENC_FFN_GATE, "mlp.up_proj": MT.V_ENC_FFN_UP,
                              "mlp.down_proj": MT.V_ENC_FFN_DOWN}}
 PROJECTOR_TYPES = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
+IMAGE_TOKENS = (8, 4096)  # llama.cpp's limits on one image's tokens for these projectors (clip.cpp)
+MERGE, TEMPORAL = 2, 2  # spatial merge and temporal patch size (check_config holds checkpoints to these)
 IMAGE_SIZE = 560  # clip.vision.image_size: mtmd sizes images itself for these projectors; llama.cpp's converter's value
 
 
@@ -167,5 +170,49 @@ def plan_mmproj(ckpt: Checkpoint, outtype: str) -> PlannedFile:
     return plan
 
 
+# ---------------------------------------------------------------------------------------------
+# transformers: dynamic-resolution images
+
+
+class QwenInputs(VisionInputs):
+    """An image at its own size as mtmd sizes it (sides to multiples of 28, its tokens within llama.cpp's limits,
+    fitted onto black, bicubic): one image chunk of (h/28)·(w/28) tokens between vision start and end tokens."""
+
+    def __init__(self, config: dict, processor: dict, tokenizer, image_tokens=None):
+        super().__init__(config, processor, tokenizer, image_tokens)
+        self.patch = config["vision_config"]["patch_size"]
+        self.align = self.patch * MERGE
+        low, high = image_tokens or IMAGE_TOKENS
+        self.min_pixels, self.max_pixels = low * self.align ** 2, high * self.align ** 2
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        from llavao1_edge.images import dynamic_size
+
+        return dynamic_size(width, height, self.align, self.min_pixels, self.max_pixels)
+
+    def prompt(self, width: int, height: int) -> str:
+        w, h = self.size(width, height)
+        return "<|vision_start|>" + self.image_token * (w // self.align) * (h // self.align) + "<|vision_end|>"
+
+    def arrays(self, img) -> dict[str, np.ndarray]:
+        from llavao1_edge.images import fit_into, normalise
+
+        w, h = self.size(*img.size)
+        x = normalise(fit_into(img, w, h), self.processor["image_mean"], self.processor["image_std"])  # [3, h, w]
+        gh, gw, p = h // self.patch, w // self.patch, self.patch
+        x = x.reshape(3, gh // MERGE, MERGE, p, gw // MERGE, MERGE, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], TEMPORAL, p, p))  # one frame, twice
+        return {"pixel_values": np.ascontiguousarray(x.reshape(gh * gw, 3 * TEMPORAL * p * p)),
+                "image_grid_thw": np.array([[1, gh, gw]], np.int64)}
+
+    def features(self, model, tensors: dict) -> list:
+        return list(model.model.get_image_features(**tensors).pooler_output)
+
+    def sequence_inputs(self, ids) -> dict:
+        return {"mm_token_type_ids": (ids == self.image_token_id).int()}  # M-RoPE positions for image tokens
+
+
 FAMILY = Family("qwen2vl", ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"), "qwen2vl",
-                "qwen2vl_merger", plan_text, plan_mmproj, check_config=check_config)
+                "qwen2vl_merger", plan_text, plan_mmproj, check_config=check_config, inputs=QwenInputs,
+                vision_module="visual", projector_module="merger", lora_text=rf".*language_model.*\.{LINEAR_TEXT}",
+                lora_vision=r".*visual\.blocks\.\d+\..*(qkv|attn\.proj|fc1|fc2|gate_proj|up_proj|down_proj)")

@@ -61,6 +61,33 @@ def test_sentencepiece_tokenizer_converts_with_identical_tokens(make_checkpoint,
     assert path.text_max_abs_logit <= 1e-4 and path.image_max_abs_embd <= 5e-3 and report.passed
 
 
+def test_a_tokenizer_that_adds_bos_in_its_post_processor_converts_with_bos(make_checkpoint, spm_tokenizer, tmp_path):
+    """Llama tokenizers add BOS through tokenizer.json's TemplateProcessing, not tokenizer_config.json; the GGUF must
+    say add_bos so llama.cpp tokenizes every prompt as transformers does, BOS and EOS included."""
+    import copy
+    import json
+
+    from llavao1_edge.engine import Engine, EngineConfig
+
+    tok = copy.deepcopy(spm_tokenizer)
+    tok.add_bos_token = True  # transformers writes this as a TemplateProcessing post-processor
+    ckpt = make_checkpoint("spm-bos", tokenizer=tok)
+    assert json.loads((ckpt / "tokenizer.json").read_text())["post_processor"]["type"] == "TemplateProcessing"
+    assert "add_bos_token" not in json.loads((ckpt / "tokenizer_config.json").read_text())
+    res = convert_to_gguf(ckpt, tmp_path, "f32")
+    from llavao1_edge.gguf_header import read_header
+
+    assert read_header(res.text).fields["tokenizer.ggml.add_bos_token"].contents() is True
+    text = "<|user|>\nHow many red circles are there?<|end|>\n<|assistant|>\n"
+    with Engine(str(res.text), None, EngineConfig(n_ctx=512, n_seq_max=1)) as e:
+        assert e.add_bos
+        ids = e.tokenize(text, add_bos=e.add_bos)
+        assert ids == tok(text)["input_ids"] and ids[0] == tok.bos_token_id
+        assert e.is_eog(tok.eos_token_id)
+    report = verify(ckpt, str(res.text), str(res.mmproj), threads=2)
+    assert report.paths[0].tokens_match and report.passed
+
+
 def test_gguf_metadata_and_types(make_checkpoint, tmp_path):
     ckpt = make_checkpoint("gqa")
     res = convert_to_gguf(ckpt, tmp_path, "f16")
@@ -210,7 +237,7 @@ def test_onnx_fp32_greedy_equals_transformers(trained, tmp_path):
     folder = export_onnx(trained.hf, tmp_path / "onnx")
     runner = OnnxLlava(folder)
     ref = Reference(trained.hf)
-    ids, px = ref.image_ids(), ref.pixels()
+    ids, px = ref.image_ids(), ref.image_arrays()["pixel_values"]
     hf = AutoModelForImageTextToText.from_pretrained(trained.hf, dtype=torch.float32).eval()
     with torch.no_grad():
         out = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),

@@ -116,3 +116,44 @@ def test_info_names_the_family_and_how_an_image_becomes_tokens(families, capsys)
     assert "stage tags    several tokens each" in out
     assert cli.main(["info", str(families["qwen2vl"].mmproj), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["family"] == "Qwen2-VL"
+
+
+@pytest.mark.parametrize("name", ["smolvlm", "idefics3", "qwen2vl", "qwen2.5vl"])
+def test_verify_holds_each_family_to_transformers(families, name):
+    """Text logits ≤ 1e-4 and, chunk by chunk, image embeddings within the tower's tolerance, with the image
+    prepared by mtmd's rule for the family (tiles and overview; dynamic size, letterboxed) on a non-square image."""
+    from llavao1_export.verify import verify
+
+    f = families[name]
+    report = verify(f.hf, str(f.gguf), str(f.mmproj), threads=2)
+    print(report.table())
+    (path,) = report.paths
+    assert path.tokens_match, path.notes
+    assert path.checks == {"text_logits<=1e-4": True, "image_embd<=5e-3": True}
+    assert path.text_top1_agreement == 1.0 and path.image_top1_agreement == 1.0
+    assert path.image_max_abs_logit < 1e-2  # what the embedding gap becomes at the answer's first token
+
+
+def test_verify_names_a_tokenizer_that_disagrees(families, tmp_path):
+    """The check itself can fail: a GGUF from another tokenizer is reported, not passed."""
+    import shutil
+
+    from llavao1_export.verify import verify
+
+    f = families["qwen2vl"]
+    other = tmp_path / "other"
+    shutil.copytree(f.hf, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    merges = tok["model"]["merges"]
+    tok["model"]["merges"] = merges[len(merges) // 2:]  # a different split of the same text
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    report = verify(other, str(f.gguf), str(f.mmproj), threads=2)
+    assert not report.passed and any("tokenization differs" in n for n in report.paths[0].notes)
+
+
+def test_the_marker_verify_and_training_render_is_mtmds():
+    import llama_cpp.mtmd_cpp as M
+
+    from llavao1_edge.prompting import MEDIA_MARKER
+
+    assert M.mtmd_default_marker().decode() == MEDIA_MARKER
