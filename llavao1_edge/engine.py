@@ -264,9 +264,15 @@ class Engine:
         mp.print_timings = False
         if self.config.flash_attn is not None:
             mp.flash_attn_type = 1 if self.config.flash_attn else 0
+        mp.image_min_tokens = self.config.image_min_tokens or -1  # -1: the projector's own limits
+        mp.image_max_tokens = self.config.image_max_tokens or -1
         self._mctx = M.mtmd_init_from_file(self.mmproj_path.encode(), self._model, mp)
         if not self._mctx:
-            raise ModelFileError(f"{self.mmproj_path}: llama.cpp could not load this projector")
+            limits = self.config.image_min_tokens or self.config.image_max_tokens
+            hint = (f" with --image-min-tokens {self.config.image_min_tokens} --image-max-tokens "
+                    f"{self.config.image_max_tokens} (the least may not exceed the most; Qwen2-VL's least is 8)"
+                    if limits else "")
+            raise ModelFileError(f"{self.mmproj_path}: llama.cpp could not load this projector{hint}")
         self.marker = M.mtmd_default_marker().decode()
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class EngineConfig:
     flash_attn: bool | None = opt(None, "--flash-attn", "llama.cpp flash attention (auto: llama.cpp decides)",
                                   choices=tuple(FLASH_ATTN), cli_map=FLASH_ATTN)
     image_cache: int = 8  # encoded images kept (LRU)
+    image_min_tokens: int | None = opt(None, "--image-min-tokens", "dynamic-resolution towers (Qwen2-VL): fewest "
+                                       "tokens an image becomes (default: the model's, 8 for Qwen2-VL)")
+    image_max_tokens: int | None = opt(None, "--image-max-tokens", "dynamic-resolution towers: most tokens an image "
+                                       "becomes, what bounds time and memory per image (default: the model's, 4096 "
+                                       "for Qwen2-VL)")
     # llama.cpp's extra CPU buffer types (weight repacking, AMX). None: off when the CPU advertises AMX, whose
     # kernels raise SIGILL (`tilezero`) on VMs that report but do not run AMX.
     extra_buffer_types: bool | None = None

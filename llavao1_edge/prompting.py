@@ -41,10 +41,15 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+def render(template: str | None, messages: list[dict], add_generation_prompt: bool, bos: str = "", eos: str = "") -> str:
+    """A conversation through a chat template (the LLaVA-1.5 fallback when there is none)."""
+    return _compile(template or FALLBACK_TEMPLATE).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
+
+
 def render_user_turn(template: str | None, content, bos: str = "", eos: str = "") -> str:
     """One user message (`content`: a string or a list of parts), ending where the assistant answers."""
-    return _compile(template or FALLBACK_TEMPLATE).render(
-        messages=[{"role": "user", "content": content}], add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    return render(template, [{"role": "user", "content": content}], True, bos, eos)
 
 
 def user_content(question: str, marker: str | None, form: str):

@@ -22,9 +22,9 @@ class VisionInputs:
     """How a family's transformers model takes one image, prepared by the rule llama.cpp's mtmd applies to
     that family (so training, verification and the runtime see the same pixels and the same prompt)."""
 
-    def __init__(self, config: dict, processor: dict, tokenizer, image_tokens: tuple[int, int] | None = None):
+    def __init__(self, config: dict, processor: dict, tokenizer, pixel_limits: tuple[int | None, int | None] | None = None):
         self.config, self.processor = config, processor
-        self.image_tokens = image_tokens  # (min, max) tokens of a dynamic-resolution image; None: llama.cpp's
+        self.pixel_limits = pixel_limits  # (min, max) pixels of a dynamic-resolution image; None: llama.cpp's default
         self.image_token_id: int = config.get("image_token_id", config.get("image_token_index"))
         self.image_token: str = tokenizer.convert_ids_to_tokens(self.image_token_id)  # what transformers fills
 

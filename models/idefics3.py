@@ -115,8 +115,8 @@ class Idefics3Inputs(VisionInputs):
 
     FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 
-    def __init__(self, config: dict, processor: dict, tokenizer, image_tokens=None):
-        super().__init__(config, processor, tokenizer, image_tokens)
+    def __init__(self, config: dict, processor: dict, tokenizer, pixel_limits=None):
+        super().__init__(config, processor, tokenizer, pixel_limits)
         vc = config["vision_config"]
         self.tile = vc["image_size"]
         self.longest_edge = int((processor.get("size") or {}).get("longest_edge") or self.tile)

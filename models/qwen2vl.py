@@ -178,12 +178,17 @@ class QwenInputs(VisionInputs):
     """An image at its own size as mtmd sizes it (sides to multiples of 28, its tokens within llama.cpp's limits,
     fitted onto black, bicubic): one image chunk of (h/28)·(w/28) tokens between vision start and end tokens."""
 
-    def __init__(self, config: dict, processor: dict, tokenizer, image_tokens=None):
-        super().__init__(config, processor, tokenizer, image_tokens)
+    def __init__(self, config: dict, processor: dict, tokenizer, pixel_limits=None):
+        super().__init__(config, processor, tokenizer, pixel_limits)
         self.patch = config["vision_config"]["patch_size"]
         self.align = self.patch * MERGE
-        low, high = image_tokens or IMAGE_TOKENS
-        self.min_pixels, self.max_pixels = low * self.align ** 2, high * self.align ** 2
+        low, high = pixel_limits or (None, None)
+        self.min_pixels = low if low is not None else IMAGE_TOKENS[0] * self.align ** 2
+        self.max_pixels = high if high is not None else IMAGE_TOKENS[1] * self.align ** 2
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"image size limits: at least {self.min_pixels} pixels is more than at most "
+                             f"{self.max_pixels} (llama.cpp's least for this family is {IMAGE_TOKENS[0]} tokens of "
+                             f"{self.align}x{self.align} pixels)")
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         from llavao1_edge.images import dynamic_size

@@ -17,7 +17,7 @@ from llavao1_data.records import read_records
 from llavao1_data.shapes import ShapesConfig, write_dataset
 from llavao1_edge.stages import parse_answer
 from llavao1_train.cli import main as train_main
-from llavao1_train.data import IGNORE, ImageSpec, collate, pixels_for, tokenize_record
+from llavao1_train.data import IGNORE, Conversations, collate, image_arrays, tokenize_record
 from llavao1_train.specs import get_spec
 from llavao1_train.tokenizer import EOS
 
@@ -29,16 +29,17 @@ def data64(tmp_path_factory) -> Path:
     return out
 
 
-def _spec_image(spec):
-    return ImageSpec(spec.image_size, spec.image_mean, spec.image_std, spec.image_tokens)
-
-
 def test_loss_mask_on_a_real_batch(data64, tiny_tokenizer):
+    from llavao1_models.llava import FAMILY, build_model
+
     spec = get_spec("test-tiny")
     image_id = tiny_tokenizer.convert_tokens_to_ids("<image>")
+    config = build_model(spec, tiny_tokenizer).config.to_dict()
+    vision = FAMILY.inputs(config, {"image_mean": spec.image_mean, "image_std": spec.image_std}, tiny_tokenizer)
     recs = list(read_records(data64 / "records.jsonl"))[:4]
-    examples = [tokenize_record(tiny_tokenizer, r, _spec_image(spec), 2048, image_id, data64) for r in recs]
-    batch = collate(examples, [pixels_for(e, _spec_image(spec)) for e in examples], tiny_tokenizer.pad_token_id)
+    conv = Conversations(tiny_tokenizer, "test-tiny")
+    examples = [tokenize_record(tiny_tokenizer, conv, vision, r, 2048, data64) for r in recs]
+    batch = collate(examples, [image_arrays(e, vision) for e in examples], tiny_tokenizer.pad_token_id, vision)
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     for i, (rec, ex) in enumerate(zip(recs, examples, strict=True)):
         ids, labels = batch["input_ids"][i], batch["labels"][i]

@@ -1,8 +1,14 @@
-"""`llavao1-train`: fine-tune a LLaVA-style model on LLaVA-CoT records (LoRA or full).
+"""`llavao1-train`: fine-tune a vision-language model on LLaVA-CoT records (LoRA or full).
+
+Checkpoints of these families train (--model DIR): LLaVA (LlavaForConditionalGeneration), SmolVLM and
+Idefics3, Qwen2-VL and Qwen2.5-VL. Images are prepared as llama.cpp prepares them for the family, prompts
+rendered through the model's chat template as the runtime renders them; stage tags the vocabulary lacks
+are added as tokens of their own.
 
 examples:
   llavao1-train --data data/train --out runs/tiny --init shapes-tiny --lr 1e-3 --epochs 3
   llavao1-train --data cot100k --out runs/llava --model ./llava-1.5-7b-hf --lora --epochs 3
+  llavao1-train --data cot100k --out runs/qwen --model ./Qwen2-VL-2B-Instruct --lora --lr 1e-4 --max-pixels 401408
   llavao1-train --data cot100k --out runs/full --model ./my-llava --full --lr 1e-5 --batch-size 4 --grad-accum 8
   torchrun --nproc_per_node 4 -m llavao1_train.cli --data ... --out ... --model ... --full
 
@@ -29,12 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, final/")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--init", choices=sorted(MODEL_SPECS), help="train a model from scratch from a named config")
-    src.add_argument("--model", help="local Hugging Face LLaVA checkpoint folder (never downloaded)")
+    src.add_argument("--model", help="local Hugging Face checkpoint folder (never downloaded)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--lora", action="store_true", help="LoRA on the language model, projector trained fully (default)")
+    mode.add_argument("--lora", action="store_true", help="LoRA on the language model (default)")
     mode.add_argument("--full", action="store_true", help="full fine-tuning (the paper's choice)")
     p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed (with --full; or with --init after --pretrain-vision-steps)")
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-vision", action="store_true", help="LoRA on the vision tower's blocks too")
+    p.add_argument("--train-projector", action=argparse.BooleanOptionalAction, default=None,
+                   help="with LoRA, train the projector fully (default: yes for LLaVA, no for SmolVLM and Qwen)")
+    p.add_argument("--min-pixels", type=int, help="Qwen2-VL: smallest image area in pixels (default: llama.cpp's, "
+                   "8 x 28 x 28)")
+    p.add_argument("--max-pixels", type=int, help="Qwen2-VL: largest image area in pixels, what bounds memory "
+                   "(default: llama.cpp's, 4096 x 28 x 28; run with --image-max-tokens MAX/784 to match)")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default %(default)s, the paper's)")
@@ -79,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, init=args.init, model=args.model, lora=not args.full, full=args.full,
         freeze_vision=args.freeze_vision, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+        lora_vision=args.lora_vision, train_projector=args.train_projector, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, group_by_length=args.group_by_length,
         grad_accum=args.grad_accum, length_split=args.length_split,

@@ -21,30 +21,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llavao1_data.records import IMAGE_TOKEN
 from llavao1_edge.answers import is_correct
 from llavao1_edge.images import ImageError
 from llavao1_edge.stages import parse_answer
-from llavao1_models.checkpoint import looks_like_hub_id, read_image_stats
-from llavao1_models.llava import build_model, image_token_count, save_checkpoint
+from llavao1_models.checkpoint import CheckpointError, looks_like_hub_id, read_image_processor
+from llavao1_models.family import Family, family_for
+from llavao1_models.llava import FAMILY as LLAVA
+from llavao1_models.llava import build_model, save_checkpoint
 
 from .batching import epoch_order, length_split
 from .checkpoints import latest_checkpoint, load_training_state, save_training_state
 from .data import (
     BadExample,
+    Conversations,
     Example,
-    ImageSpec,
     collate,
-    pixels_for,
+    image_arrays,
     read_records_tolerant,
     tokenize_record,
 )
 from .specs import get_spec
-from .tokenizer import train_tokenizer
+from .tokenizer import STAGE_TOKENS, train_tokenizer
 from .vision_pretrain import VisionPretrainConfig, pretrain_vision
 
 PRECISIONS = ("auto", "fp32", "bf16")  # see _autocast
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 @dataclass
@@ -52,12 +52,16 @@ class TrainConfig:
     data: str = ""  # folder with records.jsonl (or the .jsonl file itself)
     out: str = ""
     init: str | None = None  # a named from-scratch config, e.g. "shapes-tiny"
-    model: str | None = None  # or a local Hugging Face LLaVA checkpoint folder
-    lora: bool = True  # LoRA on the language model (projector fully trained); from-scratch trains all
+    model: str | None = None  # or a local Hugging Face checkpoint folder of a supported family
+    lora: bool = True  # LoRA on the language model; from-scratch trains all
     full: bool = False  # full fine-tuning (the paper's choice)
     freeze_vision: bool = False  # keep the tower fixed (--full, or --init after --pretrain-vision-steps)
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_vision: bool = False  # LoRA on the vision tower's blocks too
+    train_projector: bool | None = None  # with LoRA, train the projector fully (None: the family's default)
+    min_pixels: int | None = None  # dynamic-resolution towers (Qwen2-VL): image size limits (None: llama.cpp's)
+    max_pixels: int | None = None
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs when set
     lr: float = 1e-5  # the paper's; from-scratch models want ~1e-3
@@ -120,10 +124,21 @@ def _records_path(data: str) -> Path:
     return p
 
 
-def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path):
-    """(model, tokenizer, image_spec, spec or None). Never downloads."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    family: Family
+    vision: object  # the family's VisionInputs for this model
+    spec: object  # the from-scratch ModelSpec, or None for a checkpoint
+    added_tokens: list[int]  # ids of stage tags added to a checkpoint's vocabulary
 
+
+def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path) -> Loaded:
+    """The model to train, its tokenizer and its family. Never downloads."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    limits = _pixel_limits(cfg)
     if cfg.init:
         spec = get_spec(cfg.init)
         tok_dir = out / "tokenizer"
@@ -133,8 +148,9 @@ def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path):
             tokenizer = train_tokenizer(texts_for_tokenizer(), cfg.tokenizer_vocab or spec.vocab_size)
             tokenizer.save_pretrained(tok_dir)
         model = build_model(spec, tokenizer, seed=cfg.seed)
-        ispec = ImageSpec(spec.image_size, spec.image_mean, spec.image_std, spec.image_tokens)
-        return model, tokenizer, ispec, spec
+        processor = {"image_mean": list(spec.image_mean), "image_std": list(spec.image_std)}
+        vision = LLAVA.inputs(model.config.to_dict(), processor, tokenizer, limits)
+        return Loaded(model, tokenizer, LLAVA, vision, spec, [])
     src = Path(cfg.model)
     if not src.is_dir():
         if looks_like_hub_id(cfg.model):
@@ -142,46 +158,66 @@ def load_or_build(cfg: TrainConfig, texts_for_tokenizer, out: Path):
         raise TrainError(f"{src}: no such checkpoint folder")
     if not list(src.glob("*.safetensors")):
         raise TrainError(f"{src}: no .safetensors weights (pickle weights are not loaded)")
-    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    stats = read_image_stats(src)
-    if stats is None:
+    try:
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        family = family_for(config, src / "config.json")
+        processor = read_image_processor(src)
+    except (OSError, json.JSONDecodeError, CheckpointError) as e:
+        raise TrainError(str(e) if isinstance(e, CheckpointError) else f"{src / 'config.json'}: {e}") from None
+    if family.inputs is None:
+        raise TrainError(f"{src}: training does not support the {family.name} family yet")
+    if not processor:
         raise TrainError(f"{src}: no processor config with image_mean/image_std")
-    mean, std = stats
-    ispec = ImageSpec(model.config.vision_config.image_size, tuple(mean), tuple(std), image_token_count(model.config))
-    return model, tokenizer, ispec, None
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    added = add_stage_tokens(model, tokenizer)
+    vision = family.inputs(model.config.to_dict(), processor, tokenizer, limits)
+    return Loaded(model, tokenizer, family, vision, None, added)
 
 
-def freeze_unused_vision(model) -> list[str]:
-    """LLaVA reads the tower's hidden states: its post-layernorm and any blocks past the feature
-    layer never get gradients. Freeze them (DDP requires it, and they need no optimizer state)."""
-    tower = model.model.vision_tower
-    n_layers = model.config.vision_config.num_hidden_layers
-    layer = model.config.vision_feature_layer
-    keep = n_layers + 1 + layer if layer < 0 else layer
-    frozen = []
-    for name, p in tower.named_parameters():
-        parts = name.split(".")
-        unused = "post_layernorm" in parts or "head" in parts
-        if "layers" in parts:
-            unused |= int(parts[parts.index("layers") + 1]) >= keep
-        if unused and p.requires_grad:
-            p.requires_grad_(False)
-            frozen.append(name)
-    return frozen
+def _pixel_limits(cfg: TrainConfig) -> tuple[int | None, int | None] | None:
+    """(min, max) pixels; None where llama.cpp's default for the family holds."""
+    if cfg.min_pixels is None and cfg.max_pixels is None:
+        return None
+    if cfg.min_pixels is not None and cfg.max_pixels is not None and cfg.min_pixels > cfg.max_pixels:
+        raise TrainError(f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}")
+    return cfg.min_pixels, cfg.max_pixels
 
 
-def _apply_training_mode(model, cfg: TrainConfig):
-    freeze_unused_vision(model)
+def add_stage_tokens(model, tokenizer) -> list[int]:
+    """The stage tags as tokens of their own where the vocabulary lacks them (a stage then opens and closes in
+    one token, and the runtime stops a stage on one id); the embeddings grow to match. Returns the new ids."""
+    from tokenizers import AddedToken
+
+    missing = [t for t in STAGE_TOKENS if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    if not missing:
+        return []
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return tokenizer.convert_tokens_to_ids(missing)
+
+
+def _apply_training_mode(loaded: Loaded, cfg: TrainConfig):
+    model, family = loaded.model, loaded.family
+    family.freeze_unused(model)
     if cfg.init or cfg.full or not cfg.lora:  # every weight trains, the tower too unless frozen
         if cfg.freeze_vision:
-            for p in model.model.vision_tower.parameters():
+            for p in getattr(model.model, family.vision_module).parameters():
                 p.requires_grad_(False)
         return model
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                      modules_to_save=["multi_modal_projector"])
+    targets = family.lora_text + (f"|{family.lora_vision}" if cfg.lora_vision else "")
+    train_projector = family.train_projector if cfg.train_projector is None else cfg.train_projector
+    new_tokens = {}
+    if loaded.added_tokens:  # new stage tags: only their rows of the embeddings (and of an untied output) train
+        new_tokens = {"embed_tokens": loaded.added_tokens}
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            new_tokens["lm_head"] = loaded.added_tokens
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                      modules_to_save=[family.projector_module] if train_projector else None,
+                      trainable_token_indices=new_tokens or None)
     return get_peft_model(model, lcfg)
 
 
@@ -201,7 +237,7 @@ def _schedule(total: int, warmup_ratio: float):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: list[tuple[Example, str]], ispec: ImageSpec, device, max_new: int = 512) -> float:
+def evaluate(model, tokenizer, examples: list[tuple[Example, str]], vision, device, max_new: int = 512) -> float:
     """Exact-match accuracy of the CONCLUSION with greedy decoding."""
     inner = model.module if hasattr(model, "module") else model
     was_training = inner.training
@@ -212,7 +248,7 @@ def evaluate(model, tokenizer, examples: list[tuple[Example, str]], ispec: Image
         ids = torch.tensor([ex.input_ids[:prompt_len]], device=device)
         kwargs = {}
         if ex.image is not None:
-            kwargs["pixel_values"] = torch.from_numpy(pixels_for(ex, ispec))[None].to(device)
+            kwargs = {k: v.to(device) for k, v in _image_inputs(vision, [image_arrays(ex, vision)], ids).items()}
         out = inner.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                              **kwargs)
@@ -242,7 +278,8 @@ class Run:
     world: int
     device: torch.device
     tokenizer: object
-    ispec: ImageSpec
+    family: Family
+    vision: object  # the family's VisionInputs: how an image becomes model inputs
     spec: object  # the from-scratch ModelSpec, or None for a checkpoint
     examples: list[Example]
     eval_examples: list[tuple[Example, str]]
@@ -283,6 +320,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError("--pretrain-vision-steps applies to from-scratch models (--init) only")
     if cfg.freeze_vision and cfg.init and not cfg.vision_pretrain_steps:
         raise TrainError("--freeze-vision with --init needs --pretrain-vision-steps N (a random tower would stay random)")
+    if (cfg.lora_vision or cfg.train_projector is not None) and (cfg.full or not cfg.lora or cfg.init):
+        raise TrainError("--lora-vision and --train-projector apply to LoRA on a checkpoint (--model DIR --lora)")
     if cfg.length_split < 1:
         raise TrainError(f"--length-split must be 1 or more, got {cfg.length_split}")
     if cfg.precision not in PRECISIONS:
@@ -317,15 +356,16 @@ def setup(cfg: TrainConfig) -> tuple[Run, TrainState]:
         if rank == 0:  # one rank trains the tokenizer, the others wait and load it
             load_or_build(cfg, texts, out)
         torch.distributed.barrier()
-    model, tokenizer, ispec, spec = load_or_build(cfg, texts, out)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    loaded = load_or_build(cfg, texts, out)
+    tokenizer, vision = loaded.tokenizer, loaded.vision
+    conversations = Conversations(tokenizer, Path(cfg.model or cfg.init).name)
     root = _records_path(cfg.data).parent
 
     def build(recs, label: str) -> list[Example]:
         exs = []
         for r in recs:
             try:
-                exs.append(tokenize_record(tokenizer, r, ispec, cfg.max_length, image_id, root))
+                exs.append(tokenize_record(tokenizer, conversations, vision, r, cfg.max_length, root))
             except BadExample as e:
                 if not cfg.skip_bad:
                     raise TrainError(f"{label}: {e}") from None
@@ -343,8 +383,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, TrainState]:
             eval_examples.append((ex, ref))
     resuming = cfg.resume and latest_checkpoint(out) is not None
     if cfg.vision_pretrain_steps and (cfg.freeze_vision or not resuming):  # a frozen tower is in no checkpoint
-        _pretrain_tower(cfg, model, spec, records, root, ispec, device, out, rank, world)
-    model = _apply_training_mode(model, cfg).to(device)
+        _pretrain_tower(cfg, loaded.model, loaded.spec, records, root, vision, device, out, rank, world)
+    model = _apply_training_mode(loaded, cfg).to(device)
     if cfg.grad_checkpointing or (cfg.grad_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -368,15 +408,15 @@ def setup(cfg: TrainConfig) -> tuple[Run, TrainState]:
         if ck is None:
             raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         try:
-            loaded = load_training_state(ck, model, optimizer, scheduler)
+            restored = load_training_state(ck, model, optimizer, scheduler)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        state.step, state.epoch, state.offset = loaded["step"], loaded["position"]["epoch"], loaded["position"]["offset"]
+        state.step, state.epoch, state.offset = restored["step"], restored["position"]["epoch"], restored["position"]["offset"]
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "world_size": world,
                                                            "examples": len(examples), "total_steps": total}, indent=2))
-    run = Run(cfg, out, rank, world, device, tokenizer, ispec, spec, examples, eval_examples, skipped, params,
-              per_step, total, _autocast(cfg.precision, device))
+    run = Run(cfg, out, rank, world, device, tokenizer, loaded.family, vision, loaded.spec, examples, eval_examples,
+              skipped, params, per_step, total, _autocast(cfg.precision, device))
     return run, state
 
 
@@ -401,7 +441,7 @@ def train_step(run: Run, state: TrainState, mine: list[int]) -> StepStats:
                    for part in length_split([len(e.input_ids) for e in micro], cfg.length_split) if part]
     loss_sum, tokens, cells = 0.0, 0, 0
     for k, part in enumerate(passes):
-        batch = _device_batch(part, run.ispec, run.tokenizer.pad_token_id, run.device)
+        batch = _device_batch(run, part)
         sync = run.world == 1 or k == len(passes) - 1
         ctx = model.no_sync() if not sync else contextlib.nullcontext()
         with ctx, run.autocast:
@@ -454,14 +494,14 @@ def train_loop(run: Run, state: TrainState) -> None:
                             tok_s=f"{tok_count * run.world / max(1e-9, time.perf_counter() - t_last):.0f}")
             if step % cfg.log_every == 0 or step == run.total or step == 1:
                 dt = time.perf_counter() - t_last
-                last = _device_batch(stats.last_micro, run.ispec, run.tokenizer.pad_token_id, run.device)
+                last = _device_batch(run, stats.last_micro)
                 _log(out, {"step": step, "epoch": state.epoch, "loss": stats.loss, "lr": lr,
                            "tokens_per_s": tok_count * run.world / dt, "samples_per_s": sample_count * run.world / dt,
                            "padding": 1 - tok_count / max(1, cell_count),  # share of computed tokens that pad
-                           **image_reliance(state.model, last, run.autocast)})
+                           **image_reliance(run, state.model, stats.last_micro, last)})
                 t_last, tok_count, cell_count, sample_count = time.perf_counter(), 0, 0, 0
         if cfg.eval_every and run.eval_examples and step % cfg.eval_every == 0 and run.rank == 0:
-            acc = evaluate(state.model, run.tokenizer, run.eval_examples, run.ispec, run.device)
+            acc = evaluate(state.model, run.tokenizer, run.eval_examples, run.vision, run.device)
             _log(out, {"step": step, "eval_accuracy": acc, "eval_n": len(run.eval_examples)})
             bar.write(f"step {step}: eval accuracy {acc:.3f} on {len(run.eval_examples)}")
         if cfg.save_every and step % cfg.save_every == 0:
@@ -495,7 +535,7 @@ def finish(run: Run, state: TrainState) -> Path:
     return out / "final"
 
 
-def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, ispec: ImageSpec, device, out: Path,
+def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, vision, device, out: Path,
                     rank: int, world: int) -> None:
     """Dense-pretrain the vision tower once into OUT/vision_pretrain.safetensors (rank 0); a
     restarted run and the other ranks load that file instead."""
@@ -508,7 +548,7 @@ def _pretrain_tower(cfg: TrainConfig, model, spec, records, root: Path, ispec: I
         vcfg = VisionPretrainConfig(steps=cfg.vision_pretrain_steps, log_every=cfg.log_every, seed=cfg.seed)
         try:  # forked RNG: training the tower here or loading it leaves the LLaVA stage the same
             with torch.random.fork_rng(devices=[]):
-                pretrain_vision(tower, records, root, ispec, spec.feature_layer, vcfg, device,
+                pretrain_vision(tower, records, root, vision, spec.feature_layer, vcfg, device,
                                 log=lambda obj: _log(out, obj), progress=cfg.progress)
         except ImageError as e:
             raise TrainError(f"vision pretraining: {e}") from None
@@ -534,27 +574,42 @@ def param_checksum(model) -> str:
     return h.hexdigest()
 
 
-def _device_batch(examples: list, ispec, pad_id: int, device) -> dict:
-    batch = collate(examples, [pixels_for(e, ispec) if e.image is not None else None for e in examples], pad_id)
-    return {k: v.to(device) for k, v in batch.items()}
+def _image_inputs(vision, images: list[dict | None], ids: torch.Tensor) -> dict:
+    """A batch's image arguments and per-token extras as tensors (empty for a batch without images)."""
+    if not any(i is not None for i in images):
+        return {}
+    return {**{k: torch.from_numpy(v) for k, v in vision.batch(images).items()}, **vision.sequence_inputs(ids)}
+
+
+def _device_batch(run: Run, examples: list[Example], images: list[dict | None] | None = None) -> dict:
+    if images is None:
+        images = [image_arrays(e, run.vision) for e in examples]
+    batch = collate(examples, images, run.tokenizer.pad_token_id, run.vision)
+    return {k: v.to(run.device) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def image_reliance(model, batch: dict, autocast) -> dict:
-    """Loss on a batch with its own images and with the images rotated one place: a model that
-    ignores the image (its vision path collapsed) shows no gap. Empty for batches of < 2 images."""
-    if batch.get("pixel_values") is None or batch["pixel_values"].shape[0] < 2:
+def image_reliance(run: Run, model, examples: list[Example], batch: dict) -> dict:
+    """Loss on a batch with its own images and with the images passed on one place: a model that ignores
+    the image (its vision path collapsed) shows no gap. Empty unless the batch holds two or more images
+    of one shape (then each example's image tokens still fit the other image)."""
+    images = [image_arrays(e, run.vision) for e in examples]
+    held = [i for i, a in enumerate(images) if a is not None]
+    shapes = {tuple((k, v.shape) for k, v in images[i].items()) for i in held}
+    if len(held) < 2 or len(shapes) != 1:
         return {}
+    moved = list(images)
+    for src, dst in zip(held, held[1:] + held[:1], strict=True):
+        moved[dst] = images[src]
     inner = model.module if hasattr(model, "module") else model
     was_training = inner.training
     inner.eval()
     n = max(1, int((batch["labels"][:, 1:] != -100).sum()))
     losses = []
-    for pixels in (batch["pixel_values"], batch["pixel_values"].roll(1, 0)):
-        with autocast:
-            logits = inner(**{k: v for k, v in batch.items() if k not in ("labels", "pixel_values")},
-                           pixel_values=pixels).logits
-        losses.append(_token_loss_sum(logits, batch["labels"]).item() / n)
+    for b in (batch, _device_batch(run, examples, moved)):
+        with run.autocast:
+            logits = inner(**{k: v for k, v in b.items() if k != "labels"}).logits
+        losses.append(_token_loss_sum(logits, b["labels"]).item() / n)
     inner.train(was_training)
     return {"batch_loss": losses[0], "batch_loss_other_images": losses[1]}
 

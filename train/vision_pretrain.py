@@ -22,9 +22,7 @@ import torch
 from torch import nn
 
 from llavao1_data.shapes.scene import COLORS, MAX_OBJECTS, SHAPES, SIZES
-from llavao1_edge.images import load_image, preprocess
-
-from .data import ImageSpec
+from llavao1_edge.images import load_image
 
 _COLORS, _SIZES = list(COLORS), list(SIZES)
 
@@ -98,7 +96,7 @@ def dense_accuracy(pred: dict, tgt: dict) -> dict[str, float]:
             "count": (pred["count"].argmax(-1) == tgt["count"]).float().mean().item()}
 
 
-def load_scenes(records, root: Path, ispec: ImageSpec) -> tuple[torch.Tensor, list[list[dict]]]:
+def load_scenes(records, root: Path, vision) -> tuple[torch.Tensor, list[list[dict]]]:
     """(pixels [N, 3, S, S] float16, scenes) for every distinct image with a scene graph."""
     seen, pixels, scenes = set(), [], []
     for r in records:
@@ -106,7 +104,7 @@ def load_scenes(records, root: Path, ispec: ImageSpec) -> tuple[torch.Tensor, li
         if not r.image or not scene or r.image in seen:
             continue
         seen.add(r.image)
-        pixels.append(preprocess(load_image(root / r.image), ispec.size, ispec.mean, ispec.std))
+        pixels.append(vision.arrays(load_image(root / r.image))["pixel_values"][0])
         scenes.append(scene)
     if not pixels:
         raise ValueError("vision pretraining needs records with meta.scene (made by llavao1-data shapes)")
@@ -117,12 +115,12 @@ def _flip(scenes: list[list[dict]]) -> list[list[dict]]:
     return [[{**o, "x": 1.0 - o["x"]} for o in objs] for objs in scenes]
 
 
-def pretrain_vision(tower, records, root: Path, ispec: ImageSpec, feature_layer: int, cfg: VisionPretrainConfig,
+def pretrain_vision(tower, records, root: Path, vision, feature_layer: int, cfg: VisionPretrainConfig,
                     device, log=print, progress: bool | None = None) -> dict[str, float]:
     """Train `tower` (a SiglipVisionModel) in place; returns the last held-out accuracies logged."""
     from tqdm import tqdm
 
-    pixels, scenes = load_scenes(records, root, ispec)
+    pixels, scenes = load_scenes(records, root, vision)
     grid = tower.config.image_size // tower.config.patch_size
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(scenes), generator=g).tolist()
