@@ -7,6 +7,7 @@ examples:
   llavao1-export onnx --model runs/tiny/final --out models/onnx --quant int8
   llavao1-export inspect models/final-Q4_K_M.gguf
   llavao1-export import models/final-f16.gguf models/mmproj-final-f16.gguf --out runs/from-gguf
+  llavao1-export crosscheck --model runs/qwen/final --llama-cpp llama.cpp/ --out runs/crosscheck
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("text", help="text model GGUF")
     m.add_argument("mmproj", help="its projector GGUF")
     m.add_argument("--out", required=True, help="new checkpoint folder (must not exist, or be empty)")
+    c = sub.add_parser("crosscheck", help="our GGUF pair against llama.cpp's own converter's, on one checkpoint",
+                       description="Write the checkpoint with our writer and with llama.cpp's convert_hf_to_gguf.py "
+                       "(from --llama-cpp, a llama.cpp source folder with its converter requirements installed), "
+                       "both F32; report keys and tensors that differ and whether llama.cpp computes the same logits "
+                       "and image embeddings from both pairs. Exit code 1 when it does not.")
+    c.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    c.add_argument("--llama-cpp", required=True, help="llama.cpp source folder (holds convert_hf_to_gguf.py)")
+    c.add_argument("--out", required=True, help="folder for both pairs")
+    c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--json", action="store_true")
     i = sub.add_parser("inspect", help="architecture, sizes, tensor types and metadata of a GGUF")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
@@ -96,6 +107,12 @@ def _run(args) -> int:
         report = verify(args.model, args.gguf, args.mmproj, args.onnx, args.threads)
         print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
         return 0 if report.passed else 1
+    if args.command == "crosscheck":
+        from .crosscheck import crosscheck
+
+        res = crosscheck(args.model, args.llama_cpp, args.out, args.threads, log=lambda s: print(s, file=sys.stderr))
+        print(json.dumps(res.to_json(), indent=2, default=str) if args.json else res.table())
+        return 0 if res.same_behaviour else 1
     from llavao1_edge.cli import main as edge_main
 
     return edge_main(["info", args.file] + (["--json"] if args.json else []))

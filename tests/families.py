@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llavao1_models.random_checkpoints import QwenShape, bpe_tokenizer, qwen2vl_checkpoint, save
+
 FAMILIES = ("smolvlm", "idefics3", "qwen2vl", "qwen2.5vl", "gemma3", "llava-clip")
 
 SMOLVLM_TEMPLATE = (  # SmolVLM's own: content only as a list of parts
@@ -23,14 +25,6 @@ SMOLVLM_TEMPLATE = (  # SmolVLM's own: content only as a list of parts
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-QWEN_TEMPLATE = (  # Qwen2-VL's
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 GEMMA_TEMPLATE = (  # Gemma 3's, system turn left out
     "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
@@ -46,8 +40,6 @@ LLAVA15_TEMPLATE = (  # LLaVA-1.5's
     "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-               r"|\s+(?!\S)|\s+")
 
 
 @dataclass
@@ -56,41 +48,6 @@ class FamilyFixture:
     hf: Path  # the Hugging Face checkpoint folder
     gguf: Path  # F32 text model
     mmproj: Path  # F32 projector
-
-
-def bpe_tokenizer(texts: list[str], specials: list[str], bos: str, eos: str, pad: str, template: str,
-                  split: str = "gpt2", vocab_size: int = 420, add_bos: bool = False):
-    """A byte-level BPE trained on `texts`, with `specials` as control tokens and the stage tags added."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    if split == "qwen2":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif split == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts + ["\n\n"] * 2000, trainer)  # "\n\n" one token: mtmd looks it up (Idefics3)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
-    fast.chat_template = template
-    fast.add_bos_token = add_bos
-    return fast
-
-
-def _save(model, tokenizer, image_processor, out: Path) -> Path:
-    """The checkpoint as a model's folder holds it; the image processor's settings alone, since the families'
-    full processors need torchvision or num2words (the runtime and our trainer do their own preprocessing)."""
-    model.save_pretrained(out, safe_serialization=True)
-    image_processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def build_idefics3(texts: list[str], out: Path, smolvlm: bool):
@@ -119,7 +76,7 @@ def build_idefics3(texts: list[str], out: Path, smolvlm: bool):
     config = Config(
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8, layer_norm_eps=1e-6),
-        text_config=dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        text_config=dict(model_type="llama", architectures=["VLlama3ForCausalLM"], hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), rms_norm_eps=1e-5,
                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id),
@@ -128,42 +85,7 @@ def build_idefics3(texts: list[str], out: Path, smolvlm: bool):
     model = Model(config)
     images = ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return _save(model, tok, images, out)
-
-
-def build_qwen2vl(texts: list[str], out: Path, version: str):
-    """Qwen2-VL or Qwen2.5-VL: 14-pixel patches merged 2x2, images of 8 to 64 merged tokens."""
-    import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                "<|video_pad|>"]
-    tok = bpe_tokenizer(texts, specials, "<|endoftext|>", "<|im_end|>", "<|endoftext|>", QWEN_TEMPLATE, split="qwen2")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-    text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                vocab_size=len(tok), max_position_embeddings=4096, rms_norm_eps=1e-12,  # llama.cpp's qwen2vl uses 0
-                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    if version == "2":
-        Config, Model = Qwen2VLConfig, Qwen2VLForConditionalGeneration
-        vision = dict(depth=3, embed_dim=64, hidden_size=256, mlp_ratio=2, num_heads=2, patch_size=14)
-    else:
-        Config, Model = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        vision = dict(depth=4, hidden_size=64, intermediate_size=128, out_hidden_size=256, num_heads=2, patch_size=14,
-                      fullatt_block_indexes=[1, 3])
-    config = Config(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
-                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                    vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(1)
-    model = Model(config)
-    images = Qwen2VLImageProcessorPil(min_pixels=8 * 28 * 28, max_pixels=64 * 28 * 28)
-    return _save(model, tok, images, out)
+    return save(model, tok, images, out)
 
 
 def spm_gemma_tokenizer(texts: list[str]):
@@ -218,7 +140,7 @@ def build_gemma3(texts: list[str], out: Path):
     torch.manual_seed(1)
     model = Gemma3ForConditionalGeneration(config)
     images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return _save(model, tok, images, out)
+    return save(model, tok, images, out)
 
 
 def build_llava_clip(texts: list[str], out: Path):
@@ -331,7 +253,8 @@ def build(name: str, texts: list[str], root: Path) -> FamilyFixture:
 
     out = root / name
     builders = {"smolvlm": lambda: build_idefics3(texts, out, True), "idefics3": lambda: build_idefics3(texts, out, False),
-                "qwen2vl": lambda: build_qwen2vl(texts, out, "2"), "qwen2.5vl": lambda: build_qwen2vl(texts, out, "2.5"),
+                "qwen2vl": lambda: qwen2vl_checkpoint(texts, out, QwenShape("2")),
+                "qwen2.5vl": lambda: qwen2vl_checkpoint(texts, out, QwenShape("2.5", vision_depth=4)),
                 "gemma3": lambda: build_gemma3(texts, out), "llava-clip": lambda: build_llava_clip(texts, out)}
     builders[name]()
     family = gemma3_family() if name == "gemma3" else None

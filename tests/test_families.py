@@ -3,6 +3,7 @@ prompts through each family's own chat template, the four stages forced, sliced 
 chunk and proven against llama.cpp's own path."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -157,3 +158,24 @@ def test_the_marker_verify_and_training_render_is_mtmds():
     from llavao1_edge.prompting import MEDIA_MARKER
 
     assert M.mtmd_default_marker().decode() == MEDIA_MARKER
+
+
+LLAMA_CPP_SRC = os.environ.get("LLAMA_CPP_SRC")  # a llama.cpp source folder (.ci/run unpacks llama-cpp-python's sdist)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LLAMA_CPP_SRC, reason="set LLAMA_CPP_SRC to a llama.cpp source folder, e.g. from "
+                    "`pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:` (.ci/run does)")
+@pytest.mark.parametrize("name", ["smolvlm", "qwen2vl", "qwen2.5vl", "llava-clip"])
+def test_our_pair_behaves_in_llama_cpp_as_its_own_converters_pair(families, name, tmp_path):
+    from llavao1_export.crosscheck import crosscheck
+
+    res = crosscheck(families[name].hf, LLAMA_CPP_SRC, tmp_path, threads=2)
+    print(res.table())
+    assert res.same_behaviour and res.behaviour["image_embd"] == 0.0
+    assert all(v == 0.0 for v in res.tensor_max_abs.values()) and not any(res.tensors_differ.values())
+    # the documented differences (docs/families.md), nothing else
+    assert set(res.only_ours["text"]) <= {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+                                          "qwen2vl.vocab_size"}
+    expected = {"qwen2vl": {"clip.vision.feed_forward_length"}}.get(name, set())
+    assert set(res.values_differ.get("mmproj", {})) == expected and not res.values_differ["text"]
