@@ -194,41 +194,97 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-class Engine:
-    """A loaded text model + projector and one multi-sequence llama.cpp context.
-
-    Not thread-safe by itself: callers serialise (llavao1_edge.api.Reasoner holds a lock).
-    """
+class Weights:
+    """A text model and its projector, loaded once. Every Engine made on them (one per parallel worker of a
+    server) has its own context and KV cache; the projector's stateful calls (tokenizing a prompt with an
+    image, encoding an image) take `mtmd_lock`, one worker at a time."""
 
     def __init__(self, model: str | os.PathLike, mmproj: str | os.PathLike | None = None,
                  config: EngineConfig | None = None):
         import llama_cpp as L
 
-        self.config = cfg = config or EngineConfig()
+        cfg = config or EngineConfig()
         self.model_path, self.mmproj_path = str(model), (str(mmproj) if mmproj else None)
         reader = check_model_pair(model, mmproj)  # raises ModelFileError on anything llama.cpp may abort on
         self.stage_format = has_stage_format(reader)
-        template_source = chat_template(reader)
+        self.template_source = chat_template(reader)
         del reader
         init_backend(cfg.verbose)
-        self._L = L
-        self._model = self._ctx = self._mctx = None
-        self._batch = None
+        self._L, self.model, self.mtmd, self.marker = L, None, None, None
+        self.mtmd_lock = threading.Lock()
+        self.threads = cfg.n_threads or max(1, (os.cpu_count() or 2))
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers(cfg.n_gpu_layers)
         mp.use_extra_bufts = cfg.extra_buffer_types if cfg.extra_buffer_types is not None else not cpu_has_amx()
-        self._model = L.llama_model_load_from_file(self.model_path.encode(), mp)
-        if not self._model:
+        self.model = L.llama_model_load_from_file(self.model_path.encode(), mp)
+        if not self.model:
             raise ModelFileError(f"{self.model_path}: llama.cpp could not load this model")
         try:
-            self._vocab = L.llama_model_get_vocab(self._model)
-            self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
-            self.add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))  # a prompt starts with BOS
-            threads = cfg.n_threads or max(1, (os.cpu_count() or 2))
+            self.vocab = L.llama_model_get_vocab(self.model)
+            self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+            self.n_embd = L.llama_model_n_embd_inp(self.model)
+            self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))  # a prompt starts with BOS
+            if self.mmproj_path:
+                self._init_mtmd(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_mtmd(self, cfg: EngineConfig) -> None:
+        import llama_cpp.mtmd_cpp as M
+
+        self.M = M
+        mp = M.mtmd_context_params_default()
+        mp.use_gpu = gpu_layers(cfg.n_gpu_layers) != 0
+        mp.n_threads = self.threads
+        mp.print_timings = False
+        if cfg.flash_attn is not None:
+            mp.flash_attn_type = 1 if cfg.flash_attn else 0
+        mp.image_min_tokens = cfg.image_min_tokens or -1  # -1: the projector's own limits
+        mp.image_max_tokens = cfg.image_max_tokens or -1
+        self.mtmd = M.mtmd_init_from_file(self.mmproj_path.encode(), self.model, mp)
+        if not self.mtmd:
+            limits = cfg.image_min_tokens or cfg.image_max_tokens
+            hint = (f" with --image-min-tokens {cfg.image_min_tokens} --image-max-tokens {cfg.image_max_tokens} "
+                    "(the least may not exceed the most; Qwen2-VL's least is 8)" if limits else "")
+            raise ModelFileError(f"{self.mmproj_path}: llama.cpp could not load this projector{hint}")
+        self.marker = M.mtmd_default_marker().decode()
+
+    def close(self) -> None:
+        """Free the weights (after every Engine on them is closed). Safe to call twice."""
+        if self.mtmd:
+            self.M.mtmd_free(self.mtmd)
+            self.mtmd = None
+        if self.model:
+            self._L.llama_model_free(self.model)
+            self.model = None
+
+
+class Engine:
+    """A multi-sequence llama.cpp context on loaded weights (its own, or `weights` shared with other Engines).
+
+    Not thread-safe by itself: callers serialise (llavao1_edge.api.Reasoner holds a lock).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None,
+                 config: EngineConfig | None = None, *, weights: Weights | None = None):
+        import llama_cpp as L
+
+        self.config = cfg = config or EngineConfig()
+        self._L = L
+        self._ctx = self._batch = None
+        self._owns_weights = weights is None
+        self.weights = w = weights or Weights(model, mmproj, cfg)
+        self.model_path, self.mmproj_path = w.model_path, w.mmproj_path
+        self.stage_format, self.marker = w.stage_format, w.marker
+        self._model, self._vocab, self._mctx = w.model, w.vocab, w.mtmd
+        self._M = getattr(w, "M", None)
+        self.n_vocab, self.n_embd, self.add_bos = w.n_vocab, w.n_embd, w.add_bos
+        try:
             cp = L.llama_context_default_params()
             cp.n_ctx, cp.n_batch, cp.n_ubatch = cfg.n_ctx, cfg.n_batch, cfg.n_batch
             cp.n_seq_max, cp.kv_unified = cfg.n_seq_max, True
-            cp.n_threads = cp.n_threads_batch = threads
+            cp.n_threads = cp.n_threads_batch = w.threads
             if cfg.kv_f32:
                 cp.type_k = cp.type_v = L.GGML_TYPE_F32
             if cfg.flash_attn is not None:
@@ -238,9 +294,6 @@ class Engine:
                 raise EngineError(f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, n_seq_max={cfg.n_seq_max})")
             self._mem = L.llama_get_memory(self._ctx)
             self._batch = L.llama_batch_init(cfg.n_batch, 0, cfg.n_seq_max)
-            self.n_embd = L.llama_model_n_embd_inp(self._model)
-            if self.mmproj_path:
-                self._init_mtmd(threads)
         except BaseException:
             self.close()
             raise
@@ -248,52 +301,28 @@ class Engine:
         self._images: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()  # image -> chunk index -> embeddings
         self._pieces: dict[int, bytes] = {}
         eos = L.llama_vocab_eos(self._vocab)
-        self.template = ChatTemplate(template_source, os.path.basename(self.model_path),
+        self.template = ChatTemplate(w.template_source, os.path.basename(self.model_path),
                                      self.detokenize([eos]) if eos >= 0 else "")
         self._seq0_keys: list = []  # what sequence 0 holds, one key per KV cell, for prefix reuse
         self._seq0_pos = 0
         self._seq0_logits: np.ndarray | None = None
 
-    def _init_mtmd(self, threads: int) -> None:
-        import llama_cpp.mtmd_cpp as M
-
-        self._M = M
-        mp = M.mtmd_context_params_default()
-        mp.use_gpu = gpu_layers(self.config.n_gpu_layers) != 0
-        mp.n_threads = threads
-        mp.print_timings = False
-        if self.config.flash_attn is not None:
-            mp.flash_attn_type = 1 if self.config.flash_attn else 0
-        mp.image_min_tokens = self.config.image_min_tokens or -1  # -1: the projector's own limits
-        mp.image_max_tokens = self.config.image_max_tokens or -1
-        self._mctx = M.mtmd_init_from_file(self.mmproj_path.encode(), self._model, mp)
-        if not self._mctx:
-            limits = self.config.image_min_tokens or self.config.image_max_tokens
-            hint = (f" with --image-min-tokens {self.config.image_min_tokens} --image-max-tokens "
-                    f"{self.config.image_max_tokens} (the least may not exceed the most; Qwen2-VL's least is 8)"
-                    if limits else "")
-            raise ModelFileError(f"{self.mmproj_path}: llama.cpp could not load this projector{hint}")
-        self.marker = M.mtmd_default_marker().decode()
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free native memory. Safe to call twice."""
-        L = self._L if hasattr(self, "_L") else None
+        """Free native memory (the weights too, unless they are shared). Safe to call twice."""
+        L = getattr(self, "_L", None)
         if L is None:
             return
-        if getattr(self, "_mctx", None):
-            self._M.mtmd_free(self._mctx)
-            self._mctx = None
         if getattr(self, "_batch", None) is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
         if getattr(self, "_ctx", None):
             L.llama_free(self._ctx)
             self._ctx = None
-        if getattr(self, "_model", None):
-            L.llama_model_free(self._model)
-            self._model = None
+        if getattr(self, "_owns_weights", False) and getattr(self, "weights", None) is not None:
+            self.weights.close()
+        self._model = self._mctx = None
 
     def __enter__(self) -> Engine:
         return self
@@ -418,7 +447,8 @@ class Engine:
             itext = M.mtmd_input_text()
             itext.text, itext.text_len, itext.add_special, itext.parse_special = data, len(data), self.add_bos, True
             bitmaps = (ctypes.c_void_p * 1)(bitmap)
-            rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
+            with self.weights.mtmd_lock:
+                rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(itext), bitmaps, 1)
             if rc != 0:
                 M.mtmd_input_chunks_free(chunks)
                 raise ValueError(f"mtmd could not tokenize the prompt (code {rc}): it needs exactly one "
@@ -436,8 +466,9 @@ class Engine:
         chunks = self._mtmd_chunks(text, self.rgb_image(image))
         try:
             new_pos = self._L.llama_pos(0)
-            rc = self._M.mtmd_helper_eval_chunks(self._mctx, self._ctx, chunks, 0, seq, self.config.n_batch, True,
-                                                 ctypes.byref(new_pos))
+            with self.weights.mtmd_lock:
+                rc = self._M.mtmd_helper_eval_chunks(self._mctx, self._ctx, chunks, 0, seq, self.config.n_batch, True,
+                                                     ctypes.byref(new_pos))
             if rc != 0:
                 raise EngineError(f"mtmd_helper_eval_chunks failed: {self._decode_problem(rc)}")
             return np.ctypeslib.as_array(self._L.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,)).copy()
@@ -459,11 +490,12 @@ class Engine:
             stats.image_cache_hit = True
             return cached
         t0 = time.perf_counter()
-        rc = self._M.mtmd_encode_chunk(self._mctx, chunk.chunk)
-        if rc != 0:
-            raise EngineError(f"image encoding failed (code {rc})")
-        ptr = self._M.mtmd_get_output_embd(self._mctx)
-        embd = np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens * self.n_embd,)).copy()
+        with self.weights.mtmd_lock:  # the projector's output buffer is shared by every Engine on these weights
+            rc = self._M.mtmd_encode_chunk(self._mctx, chunk.chunk)
+            if rc != 0:
+                raise EngineError(f"image encoding failed (code {rc})")
+            ptr = self._M.mtmd_get_output_embd(self._mctx)
+            embd = np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens * self.n_embd,)).copy()
         stats.image_encode_s += time.perf_counter() - t0
         per_chunk[chunk.index] = embd
         while len(self._images) > self.config.image_cache:
