@@ -1,7 +1,8 @@
 """The Python API applications embed.
 
     from llavao1_edge import Reasoner
-    with Reasoner() as r:                       # the shipped model, or Reasoner("m.gguf", "mmproj.gguf")
+    with Reasoner() as r:                       # the shipped model, or Reasoner("m.gguf", "mmproj.gguf"),
+                                                # or Reasoner.from_hf("ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0")
         result = r.ask("photo.jpg", "How many red circles are there?", strategy="stage", candidates=4)
         print(result.answer, result.stages["reasoning"])
         for event in r.stream(image_bytes, "What color is the square?"):
@@ -68,6 +69,18 @@ class Reasoner:
         cfg = replace(engine_config or EngineConfig(), **engine_overrides)
         self.engine = Engine(model, mmproj, cfg)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_hf(cls, ref: str, cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
+                engine_config: EngineConfig | None = None, **engine_overrides) -> Reasoner:
+        """A model from a Hugging Face repository, "ORG/NAME[:QUANT]" (a GGUF text model and its mmproj):
+        pulled into the cache on first use (the chosen files, and a progress bar when stderr is a terminal, on
+        stderr), then opened from the cache without the network. `offline=True` (or HF_HUB_OFFLINE=1)
+        makes a model that is not cached a `HubError` (a ValueError) instead of a download."""
+        from .hub import pull
+
+        model = pull(ref, cache_dir, offline=offline)
+        return cls(model.text, model.mmproj, engine_config, **engine_overrides)
 
     def ask(self, image: ImageSource | None, question: str, config: SearchConfig | None = None, *,
             on_event: Callable[[Event], None] | None = None,

@@ -5,6 +5,12 @@ examples:
   llavao1-edge run photo.png "Which shape is left of the blue square?" --search stage --candidates 4 -v
   llavao1-edge run photo.png "What color is the triangle?" --model m.gguf --mmproj mmproj.gguf --json
   llavao1-edge info model.gguf
+
+models from the Hugging Face hub (a GGUF text model and its mmproj; pulled once, then opened offline):
+  llavao1-edge pull ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0
+  llavao1-edge run photo.png "How many objects are there?" --hf ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0
+  llavao1-edge list
+  llavao1-edge rm ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from .options import EngineConfig, SearchConfig, add_arguments, from_args
 from .stages import STAGE_BY_NAME
 
 EXIT_USAGE = 2  # user mistakes exit with 1 (run_guarded)
-ENGINE_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "flash_attn")  # EngineConfig fields `run` and `serve` take
+HUB_HELP = ("Set HF_TOKEN for private or gated repositories and HF_ENDPOINT for a mirror; the cache is "
+            "$LLAVAO1_CACHE, else the platform's cache folder + llavao1-edge/.")
+# the EngineConfig fields `run`, `serve` and the bench take as flags
+ENGINE_FLAGS = ("n_ctx", "n_threads", "n_gpu_layers", "flash_attn", "image_min_tokens", "image_max_tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +52,62 @@ def build_parser() -> argparse.ArgumentParser:
                        "CPU features and threads.")
     i.add_argument("files", nargs="*", metavar="FILE")
     i.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("pull", help="download a model and its projector from the Hugging Face hub",
+                        description="Download the GGUF text model of QUANT (default: Q4_K_M, else Q8_0, else the "
+                        "first) and its mmproj from a Hugging Face repository into the cache, as llama.cpp's -hf "
+                        "chooses them. An interrupted download resumes; each file is checked against the hub's "
+                        "sha256. " + HUB_HELP)
+    pl.add_argument("ref", metavar="REPO[:QUANT]", help="e.g. ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0")
+    pl.add_argument("--cache-dir", help="the cache folder (default: $LLAVAO1_CACHE or the platform's)")
+    pl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ls = sub.add_parser("list", help="the models pulled into the cache",
+                        description="Each pulled model: its files, sizes, family and tensor types (read from the "
+                        "files), and whether the stage tags are single tokens of its vocabulary.")
+    ls.add_argument("--cache-dir", help="the cache folder (default: $LLAVAO1_CACHE or the platform's)")
+    ls.add_argument("--json", action="store_true")
+    rm = sub.add_parser("rm", help="remove a pulled model from the cache",
+                        description="Remove a pulled model: its files (unless another pulled quantization uses "
+                        "them) and its record. Without :QUANT, every pulled quantization of REPO.")
+    rm.add_argument("ref", metavar="REPO[:QUANT]")
+    rm.add_argument("--cache-dir", help="the cache folder (default: $LLAVAO1_CACHE or the platform's)")
+    rm.add_argument("--json", action="store_true")
     return p
 
 
+class UsageError(Exception):
+    """Flags that do not go together: one line and exit code 2, as argparse's own errors."""
+
+
 def model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="text model GGUF (default: the model the package ships)")
-    parser.add_argument("--mmproj", help="vision projector GGUF that belongs to --model")
+    """The flags that name a model: --model/--mmproj (files) or --hf (a hub repository), for `run` and `serve`;
+    model_paths(args) resolves them."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help="text model GGUF (default: the model the package ships)")
+    g.add_argument("--mmproj", help="vision projector GGUF that belongs to --model")
+    g.add_argument("--hf", metavar="REPO[:QUANT]", help="a Hugging Face repository with a GGUF model and its "
+                   "mmproj (e.g. ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0): pulled into the cache on first use, "
+                   "then opened from it without the network. " + HUB_HELP)
+    g.add_argument("--offline", action="store_true", help="never use the network: an --hf model that is not in the "
+                   "cache is an error (also HF_HUB_OFFLINE=1 or LLAVAO1_OFFLINE=1)")
+    g.add_argument("--cache-dir", help="the cache folder for --hf (default: $LLAVAO1_CACHE or the platform's)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no download progress bar (--hf)")
+
+
+def model_paths(args) -> tuple[str | None, str | None]:
+    """The text model and projector that model_arguments' flags name: --hf pulled or found in the cache,
+    --model and --mmproj as given, or (None, None) for the model the package ships."""
+    if args.hf and (args.model or args.mmproj):
+        raise UsageError("--hf names a model on the hub; it does not go with --model/--mmproj")
+    if args.hf:
+        from .hub import pull
+
+        model = pull(args.hf, args.cache_dir, offline=True if args.offline else None,
+                     progress=False if args.quiet else None)
+        return str(model.text), str(model.mmproj)
+    if (args.model is None) != (args.mmproj is None):
+        raise UsageError("--model and --mmproj go together (a text model and the projector that belongs to it)")
+    return args.model, args.mmproj
 
 
 def engine_config(args, search: SearchConfig) -> EngineConfig:
@@ -87,15 +146,12 @@ def _run(args) -> int:
     cfg = from_args(SearchConfig, args)
     engine = engine_config(args, cfg)
     if args.print_config:
-        print(json.dumps({"search": asdict(cfg), "engine": asdict(engine), "model": args.model, "mmproj": args.mmproj},
-                         indent=2))
+        print(json.dumps({"search": asdict(cfg), "engine": asdict(engine), "model": args.model, "mmproj": args.mmproj,
+                          "hf": args.hf}, indent=2))
         return 0
-    if (args.model is None) != (args.mmproj is None):
-        print("llavao1-edge: --model and --mmproj go together (a text model and the projector that belongs to it)",
-              file=sys.stderr)
-        return EXIT_USAGE
+    model, mmproj = model_paths(args)
     printer = None if args.json else _Printer(args.verbose, cfg.strategy == "greedy")
-    with Reasoner(args.model, args.mmproj, engine) as r:
+    with Reasoner(model, mmproj, engine) as r:
         result = r.ask(args.image, args.question, cfg, on_event=printer)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
@@ -161,6 +217,74 @@ def _info(args) -> int:
     return 0
 
 
+def _pull(args) -> int:
+    from .hub import find_cached, pull
+
+    if find_cached(args.ref, args.cache_dir) is not None:
+        print(f"{args.ref}: in the cache already", file=sys.stderr)
+    model = pull(args.ref, args.cache_dir, progress=False if args.quiet else None)
+    print(f"{model.ref} (commit {model.commit[:10]})\n  text model  {model.text}\n  projector   {model.mmproj}")
+    return 0
+
+
+def _describe_cached(model) -> dict:
+    """A cached model as `list --json` shows it: the record, and what each file's own metadata says."""
+    from .modelfile import ModelFileError, describe
+
+    doc = model.to_json()
+    for role, entry in doc["files"].items():
+        try:
+            info = describe(model.path(role))
+        except ModelFileError as e:
+            entry["problem"] = str(e)
+            continue
+        entry.update(architecture=info.architecture, family=info.family, tensor_types=info.tensor_types)
+        if role == "text":
+            doc["stage_tags_single_tokens"] = info.stage_tags_single_tokens
+            doc["stage_format"] = info.stage_format
+        else:
+            doc["family"] = info.family  # the projector names the family; a text architecture may have several
+    return doc
+
+
+def _list(args) -> int:
+    from .hub import cache_root, cached_models
+
+    root = cache_root(args.cache_dir)
+    docs = [_describe_cached(m) for m in cached_models(root)]
+    if args.json:
+        print(json.dumps(docs))
+        return 0
+    for d in docs:
+        tags = {True: "stage tags single tokens", False: "stage tags several tokens each"}
+        print(f"{d['ref']}  {d['size_bytes'] / 2**20:,.1f} MiB  {d.get('family', '?')}  "
+              f"{tags.get(d.get('stage_tags_single_tokens'), '')}  commit {d['commit'][:10]}"
+              f"{'' if d['present'] else '  (files missing: pull it again)'}")
+        for role, f in d["files"].items():
+            types = ", ".join(f"{k} x{v}" for k, v in sorted(f.get("tensor_types", {}).items()))
+            print(f"  {role:<7} {f['file']}  {f['size'] / 2**20:,.1f} MiB  {f.get('problem') or types}")
+    on_disk = sum({f["sha256"]: f["size"] for d in docs for f in d["files"].values()}.values())  # shared once
+    print(f"{len(docs)} model{'s' * (len(docs) != 1)}, {on_disk / 2**20:,.1f} MiB in {root}"
+          + ("" if docs else "; pull one with: llavao1-edge pull REPO[:QUANT]"))
+    return 0
+
+
+def _rm(args) -> int:
+    from .hub import remove
+
+    removed, freed = remove(args.ref, args.cache_dir)
+    if args.json:
+        print(json.dumps({"removed": [m.to_json() for m in removed], "freed_bytes": freed}))
+        return 0
+    for m in removed:
+        print(f"removed {m.ref} ({m.files['text'].path}, {m.files['mmproj'].path})")
+    print(f"{freed / 2**20:,.1f} MiB freed")
+    return 0
+
+
+COMMANDS = {"run": _run, "info": _info, "pull": _pull, "list": _list, "rm": _rm}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .api import ModelNotFound
     from .engine import EngineError
@@ -169,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     from .modelfile import ModelFileError
 
     args = build_parser().parse_args(argv)
-    return run_guarded("llavao1-edge", lambda: _run(args) if args.command == "run" else _info(args),
-                       (ModelFileError, ImageError, ModelNotFound, EngineError, ValueError, OSError))
+    try:
+        return run_guarded("llavao1-edge", lambda: COMMANDS[args.command](args),
+                           (ModelFileError, ImageError, ModelNotFound, EngineError, ValueError, OSError))
+    except UsageError as e:
+        print(f"llavao1-edge: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
