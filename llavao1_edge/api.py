@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -84,18 +84,21 @@ class Reasoner:
 
     def ask(self, image: ImageSource | None, question: str, config: SearchConfig | None = None, *,
             on_event: Callable[[Event], None] | None = None,
-            cancel: threading.Event | Callable[[], bool] | None = None, **settings) -> SearchResult:
-        """Answer one question about one image (or none). Settings override SearchConfig fields."""
+            cancel: threading.Event | Callable[[], bool] | None = None,
+            history: Sequence[tuple[str, str]] = (), **settings) -> SearchResult:
+        """Answer one question about one image (or none). Settings override SearchConfig fields; `history`
+        holds earlier turns of a conversation as (role, text) pairs, role "user" or "assistant"."""
         cfg = _search_config(config, settings)
         with self._lock:
-            return run_search(self.engine, image, question, cfg, on_event, cancel)
+            return run_search(self.engine, image, question, cfg, on_event, cancel, history)
 
     def stream(self, image: ImageSource | None, question: str, config: SearchConfig | None = None, *,
-               cancel: threading.Event | Callable[[], bool] | None = None, **settings) -> Iterator[Event]:
+               cancel: threading.Event | Callable[[], bool] | None = None,
+               history: Sequence[tuple[str, str]] = (), **settings) -> Iterator[Event]:
         """Events as the search runs; the last is "done" with the result in data["result"]."""
         cfg = _search_config(config, settings)
         with self._lock:
-            yield from search_events(self.engine, image, question, cfg, cancel)
+            yield from search_events(self.engine, image, question, cfg, cancel, history)
 
     def close(self) -> None:
         with self._lock:

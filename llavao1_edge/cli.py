@@ -45,6 +45,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     r.add_argument("-v", "--verbose", action="store_true", help="also show candidates, verdicts and timings")
 
+    sv = sub.add_parser("serve", help="a local OpenAI- and Ollama-compatible server, and a page that shows the search",
+                        description="Serve the model over HTTP: OpenAI's /v1/chat/completions and /v1/models, "
+                        "Ollama's /api/chat and /api/tags, /health, and at / a page to ask about an image and watch "
+                        "the search choose each stage. Listens on 127.0.0.1 only unless --host says otherwise. "
+                        "Needs the server extra: pip install 'llavao1-edge[server]'.",
+                        epilog="examples:\n  llavao1-edge serve\n  llavao1-edge serve --hf "
+                        "ggml-org/SmolVLM-256M-Instruct-GGUF:Q8_0 --parallel 2 --api-key SECRET\n"
+                        "  llavao1-edge serve --search greedy --cors-origin http://localhost:3000",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(sv)
+    net = sv.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
+                     "only; 0.0.0.0 opens it to the network, so set --api-key)")
+    net.add_argument("--port", type=int, default=8080, help="default %(default)s (0: any free port)")
+    net.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or X-Api-Key) on every endpoint but "
+                     "/health and the page (default: $LLAVAO1_API_KEY, else none)")
+    net.add_argument("--alias", help="the model name clients ask for (default: the --hf name, or the file's)")
+    net.add_argument("--parallel", type=int, default=1, help="requests searched at once, each in its own llama.cpp "
+                     "context; the weights are loaded once (default %(default)s)")
+    net.add_argument("--queue", type=int, default=8, help="requests that may wait for a free worker; beyond that "
+                     "503 with Retry-After (default %(default)s)")
+    net.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="a browser origin allowed to call the API (repeatable); default none: no CORS headers")
+    net.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default %(default)s)")
+    net.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file (default %(default)s)")
+    net.add_argument("--max-tokens", type=int, default=4096, help="the most a request's max_tokens may ask for "
+                     "(default %(default)s)")
+    add_arguments(sv.add_argument_group("search (a request's defaults; its llavao1 object overrides them)"),
+                  SearchConfig)
+    add_arguments(sv.add_argument_group("engine"), EngineConfig, ENGINE_FLAGS)
+
     i = sub.add_parser("info", help="describe GGUF files, or (no file) what llama.cpp can use here",
                        description="With FILE (a text model or a projector, or both): architecture, family, how the "
                        "projector turns an image into tokens, whether the stage tags are single tokens, sizes, tensor "
@@ -282,7 +313,43 @@ def _rm(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "info": _info, "pull": _pull, "list": _list, "rm": _rm}
+def _serve(args) -> int:
+    import os
+    from pathlib import Path
+
+    from .extras import require_extra
+
+    require_extra("llavao1-edge serve", "server", ("starlette", "uvicorn"))
+    from .api import DEFAULT_MODEL, shipped_model_paths
+    from .server.app import run
+    from .server.config import API_KEY_ENV, ServerConfig
+
+    for name in ("parallel", "queue", "max_tokens"):
+        if getattr(args, name) < (0 if name == "queue" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be {'0' if name == 'queue' else '1'} or more")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a port number")
+    model, mmproj = model_paths(args)
+    name = args.alias or args.hf or (Path(model).stem if model else DEFAULT_MODEL)
+    if model is None:
+        model, mmproj = (str(p) for p in shipped_model_paths())
+    search = from_args(SearchConfig, args)
+    search.validate()
+    cfg = ServerConfig(model, mmproj, name, args.host, args.port, args.api_key or os.environ.get(API_KEY_ENV) or None,
+                       args.parallel, args.queue, tuple(args.cors_origin), int(args.max_body_mb * 2**20),
+                       int(args.max_image_mb * 2**20), args.max_tokens, search, from_args(EngineConfig, args))
+    if not cfg.loopback and not cfg.api_key:
+        print(f"llavao1-edge serve: listening on {cfg.host} without --api-key: anyone who can reach this machine "
+              "can use the model", file=sys.stderr)
+
+    def ready(url: str) -> None:
+        print(f"serving {name} on {url} (page: {url}/, OpenAI: {url}/v1, Ollama: {url}/api); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+
+    return run(cfg, ready)
+
+
+COMMANDS = {"run": _run, "info": _info, "pull": _pull, "list": _list, "rm": _rm, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -284,7 +284,7 @@ class Engine:
             cp = L.llama_context_default_params()
             cp.n_ctx, cp.n_batch, cp.n_ubatch = cfg.n_ctx, cfg.n_batch, cfg.n_batch
             cp.n_seq_max, cp.kv_unified = cfg.n_seq_max, True
-            cp.n_threads = cp.n_threads_batch = w.threads
+            cp.n_threads = cp.n_threads_batch = cfg.n_threads or w.threads
             if cfg.kv_f32:
                 cp.type_k = cp.type_v = L.GGML_TYPE_F32
             if cfg.flash_attn is not None:

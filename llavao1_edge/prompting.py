@@ -9,6 +9,7 @@ never a silent wrong prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 from .stages import STAGES
@@ -66,16 +67,21 @@ class ChatTemplate:
         self.source, self.model_name, self.eos = source, model_name, eos
         self.form: str | None = None  # "string" or "parts", once known
 
-    def user_turn(self, question: str, marker: str | None = None, instruct_format: bool = False) -> str:
-        """The rendered prompt for one question (image marker included when given). BOS is not rendered:
+    def user_turn(self, question: str, marker: str | None = None, instruct_format: bool = False,
+                  history: Sequence[tuple[str, str]] = ()) -> str:
+        """The rendered prompt for one question (image marker included when given), after earlier turns
+        (`history`: (role, text) pairs, role "user" or "assistant") when there are any. BOS is not rendered:
         the tokenizer adds it where the vocabulary says so."""
         q = question.strip()
         if instruct_format:
             q = f"{q}\n\n{FORMAT_INSTRUCTION}"
         failures = []
         for form in ([self.form] if self.form else CONTENT_FORMS):
+            earlier = [{"role": role, "content": user_content(text, None, form) if role == "user" else
+                        (text if form == "string" else [{"type": "text", "text": text}])} for role, text in history]
+            messages = [*earlier, {"role": "user", "content": user_content(q, marker, form)}]
             try:
-                text = render_user_turn(self.source, user_content(q, marker, form), "", self.eos)
+                text = render(self.source, messages, True, "", self.eos)
             except Exception as e:  # a template may refuse a content form (raise_exception) or fail on it
                 failures.append(f"{form} content: {type(e).__name__}: {e}")
                 continue

@@ -14,7 +14,7 @@ import copy
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict
 
 from .decoding import ANSWER, SENTENCE, Live, StageStop, Stop, TextState, candidate_rng
@@ -37,8 +37,9 @@ class SearchStopped(Exception):
 
 class _Search:
     def __init__(self, engine: Engine, image: ImageSource | None, question: str, cfg: SearchConfig,
-                 should_stop: Callable[[], str | None]):
+                 should_stop: Callable[[], str | None], history: Sequence[tuple[str, str]] = ()):
         self.e, self.image, self.question, self.cfg = engine, image, question, cfg
+        self.history = tuple(history)  # earlier turns of a conversation, before the question
         self.should_stop = should_stop
         self.force = (not engine.stage_format) if cfg.force_format is None else cfg.force_format
         self.marker = engine.marker if (image is not None and engine.has_vision) else None
@@ -52,10 +53,12 @@ class _Search:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def prompt(self, text: str, with_image: bool, instruct_format: bool = False) -> Prompt:
-        """A one-turn chat prompt (the question, or a judge prompt) through the GGUF's template."""
+    def prompt(self, text: str, with_image: bool, instruct_format: bool = False,
+               history: Sequence[tuple[str, str]] = ()) -> Prompt:
+        """A chat prompt (the question after any earlier turns, or a one-turn judge prompt) through the GGUF's
+        template."""
         marker = self.marker if with_image else None
-        rendered = self.e.template.user_turn(text, marker, instruct_format)
+        rendered = self.e.template.user_turn(text, marker, instruct_format, history)
         if marker and not isinstance(self.image, RGBImage):  # decoded once; judge prompts reuse it
             self.image = self.e.rgb_image(self.image)
         return self.e.prepare(rendered, self.image if marker else None)
@@ -186,7 +189,7 @@ class _Search:
     def run(self) -> Iterator[Event]:
         cfg, pool = self.cfg, self.e.sequences
         pool.reset()
-        prompt = self.prompt(self.question, with_image=True, instruct_format=self.force)
+        prompt = self.prompt(self.question, with_image=True, instruct_format=self.force, history=self.history)
         self.tokens["prompt"] = prompt.n_tokens
         state, stats = self.e.eval_prompt(prompt)
         prompt_keys, prompt_state = prompt.keys, state
@@ -340,8 +343,10 @@ class _Search:
 
 
 def search_events(engine: Engine, image: ImageSource | None, question: str, cfg: SearchConfig,
-                  cancel: threading.Event | Callable[[], bool] | None = None) -> Iterator[Event]:
-    """Run a search, yielding events; the last event is "done" with the SearchResult in data["result"]."""
+                  cancel: threading.Event | Callable[[], bool] | None = None,
+                  history: Sequence[tuple[str, str]] = ()) -> Iterator[Event]:
+    """Run a search, yielding events; the last event is "done" with the SearchResult in data["result"].
+    `history`: earlier turns of a conversation, (role, text) pairs put before the question as text."""
     cfg.validate()
     if not question or not question.strip():
         raise ValueError("the question is empty")
@@ -354,7 +359,7 @@ def search_events(engine: Engine, image: ImageSource | None, question: str, cfg:
             return "timeout"
         return None
 
-    s = _Search(engine, image, question, cfg, should_stop)
+    s = _Search(engine, image, question, cfg, should_stop, history)
     yield from s.run()
     result = s.result()
     yield Event("done", data={"result": result})
@@ -362,9 +367,10 @@ def search_events(engine: Engine, image: ImageSource | None, question: str, cfg:
 
 def run_search(engine: Engine, image: ImageSource | None, question: str, cfg: SearchConfig,
                on_event: Callable[[Event], None] | None = None,
-               cancel: threading.Event | Callable[[], bool] | None = None) -> SearchResult:
+               cancel: threading.Event | Callable[[], bool] | None = None,
+               history: Sequence[tuple[str, str]] = ()) -> SearchResult:
     result = None
-    for ev in search_events(engine, image, question, cfg, cancel):
+    for ev in search_events(engine, image, question, cfg, cancel, history):
         if on_event is not None:
             on_event(ev)
         if ev.kind == "done":
