@@ -7,6 +7,8 @@ examples:
   llavao1-bench accuracy --data eval/records.jsonl --search greedy --limit 200
   llavao1-bench accuracy --model my.gguf --mmproj my-mmproj.gguf --data MMStar.tsv --json
   llavao1-bench compare greedy.json stage4.json   # which questions stage:4 fixes / breaks, McNemar's exact p
+  llavao1-bench random-model qwen2vl-2b --out runs/qwen2vl-2b   # a published shape, random weights, Q4_K_M
+  llavao1-bench serve --clients 1,2,4,8       # the local server under load, and its overhead per request
   llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
       --quants F16,Q8_0,Q4_K_M --search greedy,stage:2 --limit 100 --out sweep/
 
@@ -20,11 +22,14 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import replace
 
 from llavao1_edge.cli import ENGINE_FLAGS
 from llavao1_edge.extras import require_extra, run_guarded
 from llavao1_edge.options import SPEC_HELP as SEARCH_HELP
-from llavao1_edge.options import EngineConfig, add_arguments, from_args
+from llavao1_edge.options import EngineConfig, SearchConfig, add_arguments, from_args
+
+BUDGETS = ("max_stage_tokens", "max_answer_tokens")  # the token budgets `latency` takes beside the spec
 
 
 def _csv(s: str) -> tuple[str, ...]:
@@ -51,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--limit", type=int, default=5, help="questions to time (default %(default)s)")
     lat.add_argument("--compare-reference", action="store_true",
                      help="also time the paper-style implementation (every call re-evaluates prompt and image)")
+    add_arguments(lat, SearchConfig, BUDGETS)
     lat.add_argument("--compare-greedy", action="store_true",
                      help="also time greedy decoding on each question right after the search, and report the "
                      "median of the paired ratios (x greedy)")
@@ -97,6 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("b", metavar="B", help="the report compared with it")
     cmp.add_argument("--json", action="store_true", help="print one JSON object (with the fixed and broken ids)")
 
+    srv = sub.add_parser("serve", help="the local server under load: latency and throughput, overhead per request",
+                         description="Start `llavao1-edge serve` and send it the questions (OpenAI chat completions, "
+                         "the image as a data: URI) from 1, 2, 4 and 8 clients at once: latency p50/p95 and "
+                         "throughput; then the server's overhead per request against Reasoner.ask on the same "
+                         "questions. Needs the server extra.")
+    model_args(srv)
+    srv.add_argument("--data", help="questions (.jsonl or .tsv); default: the shipped example questions")
+    srv.add_argument("--limit", type=int, default=8, help="questions (default %(default)s)")
+    srv.add_argument("--search", default="greedy", help=SEARCH_HELP)
+    srv.add_argument("--parallel", type=int, default=1, help="the server's --parallel (default %(default)s)")
+    srv.add_argument("--clients", type=lambda s: tuple(int(x) for x in _csv(s)), default=(1, 2, 4, 8),
+                     help="concurrent clients per level (default 1,2,4,8)")
+    srv.add_argument("--requests", type=int, default=16, help="requests per level (default %(default)s)")
+    rm = sub.add_parser("random-model", help="a published model's shape with random weights, as a GGUF pair",
+                        description="Build a random-weight checkpoint of a published shape offline, write it with our "
+                        "exporter and quantize the text model: what a model of that size costs here (speed and "
+                        "memory), to measure with `latency`. Needs the export extra and ~3x the F16 size of disk.")
+    rm.add_argument("shape", choices=("qwen2vl-2b",))
+    rm.add_argument("--out", required=True, help="folder for the pair")
+    rm.add_argument("--quant", default="Q4_K_M", help="the text model's type (default %(default)s)")
     sw = sub.add_parser("sweep", help="accuracy and latency over quantization types x search settings")
     sw.add_argument("--data", required=True)
     sw.add_argument("--gguf", help="F16/F32 text GGUF to quantize from")
@@ -194,6 +220,31 @@ def _peer(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from dataclasses import asdict
+
+    from llavao1_edge.options import parse_spec, spec_label
+
+    from .common import BenchError, Provenance, load_items, sha256_file
+    from .serve import measure_serve
+
+    require_extra("llavao1-bench serve", "server", ("starlette", "uvicorn"))
+    if args.limit < 1 or args.requests < 1 or args.parallel < 1 or any(c < 1 for c in args.clients):
+        raise BenchError("--limit, --requests, --parallel and --clients must be positive")
+    model, mmproj = _model_paths(args)
+    items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit)
+    cfg = parse_spec(args.search)
+    spec = {k: v for k, v in asdict(cfg).items() if k in ("strategy", "candidates", "selector") or
+            getattr(cfg, k) != getattr(parse_spec("greedy"), k)}
+    engine = from_args(EngineConfig, args)
+    threads = engine.n_threads or os.cpu_count() or 1
+    report = measure_serve(model, mmproj, items, spec, spec_label(cfg), args.parallel, threads, args.clients,
+                           args.requests, engine)
+    report.provenance = {**asdict(Provenance()), "model_sha256": sha256_file(model)}
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
 def _run(args) -> int:
     from llavao1_edge.options import parse_spec, spec_label
 
@@ -210,6 +261,14 @@ def _run(args) -> int:
         return 0
     if args.command == "batching":
         return _batching(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "random-model":
+        from .random_model import write_random_model
+
+        for path in write_random_model(args.shape, args.out, args.quant, log=lambda s: print(s, file=sys.stderr)):
+            print(path)
+        return 0
     if args.command == "peer":
         return _peer(args)
     if args.command == "compare":
@@ -219,6 +278,8 @@ def _run(args) -> int:
         print(json.dumps(res.to_json(), indent=2) if args.json else res.table())
         return 0
     cfg = parse_spec(args.search)
+    if args.command == "latency":  # a random-weight model never ends a stage: its budgets bound the run
+        cfg = replace(cfg, **{k: getattr(args, k) for k in BUDGETS})
     model, mmproj = _model_paths(args)
     items = load_items(args.data, args.limit) if args.data else _default_questions(args.limit or 5)
     from .backends import GGUFBackend
