@@ -91,7 +91,14 @@ def _our_command() -> list[str]:
 
 
 def measure_process(report: PeerReport, items, repeats: int, n_ctx: int) -> None:
-    """Fresh processes, ours and the peer alternating, so drift in machine speed hits both alike."""
+    """Fresh processes, ours and the peer alternating, so drift in machine speed hits both alike. Both start
+    from compiled bytecode, as a normal install has it (pip compiles the peer's on install; an editable
+    install under PYTHONDONTWRITEBYTECODE would compile ours in every process)."""
+    import compileall
+
+    import llavao1_edge
+
+    compileall.compile_dir(os.path.dirname(llavao1_edge.__file__), quiet=1)
     for item in items:
         for _ in range(repeats):
             ours = [*_our_command(), "run", str(item.image), item.question, "--search", "greedy", "--model",

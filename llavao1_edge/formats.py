@@ -47,8 +47,7 @@ ONNX_QUANTS: tuple[str, ...] = ("none", "int8", "int4")  # `llavao1-export onnx 
 
 def type_of_file(path: str | os.PathLike) -> str:
     """The weight type of a GGUF file, read from it: "F16", "Q4_K_M", ... ("mixed: ..." when none fits)."""
-    from gguf import Keys, LlamaFileType
-
+    from .gguf_constants import Keys, LlamaFileType
     from .gguf_header import read_header
 
     reader = read_header(path)

@@ -8,8 +8,8 @@ some wrong types abort the process instead of raising (see shared/reference/llam
 
 from __future__ import annotations
 
-from gguf import MODEL_TENSOR, TENSOR_NAMES, Keys
-from gguf import GGUFValueType as T
+from .gguf_constants import MODEL_TENSOR, TENSOR_NAMES, Keys
+from .gguf_constants import GGUFValueType as T
 
 # Our own keys: the runtime reads them to know the model speaks the four-stage format.
 STAGE_FORMAT = "llavao1.stage_format"  # STAGE_FORMAT_VALUE

@@ -12,10 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf import MODEL_TENSOR, Keys
-
 from . import gguf_keys as K
 from .families import by_projector, by_text_architecture
+from .gguf_constants import MODEL_TENSOR, Keys
 from .gguf_header import HeaderError, read_header
 from .gguf_keys import tensor_name
 from .stages import STAGES

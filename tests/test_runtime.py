@@ -394,10 +394,22 @@ def test_runtime_import_stays_light():
     import subprocess
 
     code = ("import sys, llavao1_edge, llavao1_edge.cli, llavao1_edge.api, llavao1_edge.search; "
-            "print([m for m in ('torch', 'transformers', 'peft', 'onnx', 'llavao1_train', 'llavao1_export') "
-            "if m in sys.modules])")
+            "print([m for m in ('torch', 'transformers', 'peft', 'onnx', 'llavao1_train', 'llavao1_export', "
+            "'gguf', 'yaml', 'PIL.ImageOps') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[]"  # gguf's names come from its constants module alone (gguf_constants.py)
+
+
+def test_gguf_names_are_gguf_s_own_objects_whichever_is_imported_first():
+    import subprocess
+
+    for first, then in (("llavao1_edge.gguf_keys", "gguf"), ("gguf", "llavao1_edge.gguf_keys")):
+        code = (f"import {first}, {then}, gguf, llavao1_edge.gguf_constants as c, gguf.gguf_writer as w; "
+                "from gguf import constants; "
+                "assert gguf.Keys is c.Keys and w.GGUFValueType is c.GGUFValueType and constants is c._C; "
+                "print('ok')")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_closed_output_pipe_ends_quietly():
