@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("shape", choices=("qwen2vl-2b",))
     rm.add_argument("--out", required=True, help="folder for the pair")
     rm.add_argument("--quant", default="Q4_K_M", help="the text model's type (default %(default)s)")
+    rm.add_argument("--keep-checkpoint", action="store_true", help="keep the Hugging Face checkpoint (bf16) in "
+                    "OUT/SHAPE-hf, e.g. to measure fine-tuning")
     sw = sub.add_parser("sweep", help="accuracy and latency over quantization types x search settings")
     sw.add_argument("--data", required=True)
     sw.add_argument("--gguf", help="F16/F32 text GGUF to quantize from")
@@ -266,7 +268,8 @@ def _run(args) -> int:
     if args.command == "random-model":
         from .random_model import write_random_model
 
-        for path in write_random_model(args.shape, args.out, args.quant, log=lambda s: print(s, file=sys.stderr)):
+        for path in write_random_model(args.shape, args.out, args.quant, log=lambda s: print(s, file=sys.stderr),
+                                       keep_checkpoint=args.keep_checkpoint):
             print(path)
         return 0
     if args.command == "peer":

@@ -2,7 +2,8 @@
 machine (speed and memory do not depend on what the weights learned).
 
 The checkpoint is built offline (models/random_checkpoints.py), written by our exporter (F16) and the
-text model quantized; the Hugging Face folder and the F16 text model are removed afterwards.
+text model quantized; the F16 text model is removed afterwards, and the Hugging Face folder unless it is
+kept (to measure fine-tuning).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 SHAPES = ("qwen2vl-2b",)  # the shapes this builds (models.random_checkpoints)
 
 
-def write_random_model(shape: str, out: str | Path, quant: str = "Q4_K_M", log=lambda s: None) -> tuple[Path, Path]:
-    """(text model quantized to `quant`, F16 projector) of `shape`, under `out`."""
+def write_random_model(shape: str, out: str | Path, quant: str = "Q4_K_M", log=lambda s: None,
+                       keep_checkpoint: bool = False) -> tuple[Path, Path]:
+    """(text model quantized to `quant`, F16 projector) of `shape`, under `out`; with keep_checkpoint the
+    Hugging Face checkpoint (bf16) stays in OUT/SHAPE-hf, to fine-tune."""
     import torch
 
     from llavao1_data.records import read_records
@@ -42,4 +45,7 @@ def write_random_model(shape: str, out: str | Path, quant: str = "Q4_K_M", log=l
         quantize_gguf(res.text, text, quant)
         mmproj = out / f"mmproj-{shape}-f16.gguf"
         shutil.move(res.mmproj, mmproj)
+        if keep_checkpoint:
+            shutil.rmtree(out / f"{shape}-hf", ignore_errors=True)
+            shutil.move(hf, out / f"{shape}-hf")
     return text, mmproj
