@@ -12,7 +12,7 @@ examples:
   llavao1-bench sweep --data eval/records.jsonl --gguf m-f16.gguf --mmproj mmproj-f16.gguf \\
       --quants F16,Q8_0,Q4_K_M --search greedy,stage:2 --limit 100 --out sweep/
 
-Without --model / --gguf / --hf the model the package ships is measured.
+Without --model / --gguf / --checkpoint the model the package ships is measured.
 """
 
 from __future__ import annotations
@@ -129,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--data", required=True)
     sw.add_argument("--gguf", help="F16/F32 text GGUF to quantize from")
     sw.add_argument("--mmproj", help="its projector GGUF")
-    sw.add_argument("--hf", help="or a Hugging Face checkpoint (adds ONNX and transformers rows)")
+    sw.add_argument("--checkpoint", help="or a Hugging Face checkpoint folder (adds ONNX and transformers rows)")
     sw.add_argument("--quants", type=_csv, default=("F16", "Q8_0", "Q4_K_M"))
     sw.add_argument("--mmproj-quants", type=_csv, default=("F16",))
     sw.add_argument("--search", type=_csv, default=("greedy", "stage:2"), help="comma-separated; each " + SEARCH_HELP)
-    sw.add_argument("--onnx-quants", type=_csv, default=("none", "int8", "int4"), help="with --hf")
+    sw.add_argument("--onnx-quants", type=_csv, default=("none", "int8", "int4"), help="with --checkpoint")
     sw.add_argument("--limit", type=int)
     sw.add_argument("--out", required=True)
     sw.add_argument("--threads", type=int, default=0)
@@ -256,7 +256,7 @@ def _run(args) -> int:
     if args.command == "sweep":
         from .sweep import SweepConfig, run_sweep
 
-        cfg = SweepConfig(args.data, args.out, args.gguf, args.mmproj, args.hf, args.quants, args.mmproj_quants,
+        cfg = SweepConfig(args.data, args.out, args.gguf, args.mmproj, args.checkpoint, args.quants, args.mmproj_quants,
                           args.search, args.onnx_quants, args.limit, args.threads, progress)
         res = run_sweep(cfg, log=lambda s: print(s, file=sys.stderr))
         print(f"wrote {args.out}/results.csv, results.json, report.md and plots ({len(res['cells'])} cells)")

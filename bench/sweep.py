@@ -38,11 +38,11 @@ class SweepConfig:
     out: str
     gguf: str | None = None  # F16 (or F32) text model ...
     mmproj: str | None = None  # ... and its projector
-    hf: str | None = None  # or a Hugging Face checkpoint: converted, plus ONNX and transformers rows
+    checkpoint: str | None = None  # or a Hugging Face checkpoint folder: converted, plus ONNX and transformers rows
     quants: tuple[str, ...] = ("F16", "Q8_0", "Q4_K_M")
     mmproj_quants: tuple[str, ...] = ("F16",)
     searches: tuple[str, ...] = ("greedy", "stage:2")
-    onnx_quants: tuple[str, ...] = ("none", "int8", "int4")  # with --hf only
+    onnx_quants: tuple[str, ...] = ("none", "int8", "int4")  # with --checkpoint only
     limit: int | None = None
     threads: int = 0
     progress: bool | None = None
@@ -67,9 +67,9 @@ def validate(cfg: SweepConfig) -> Plan:
         items = load_items(cfg.data, cfg.limit)
     except (BenchError, ValueError) as e:
         problems.append(str(e))
-    if cfg.gguf and cfg.hf:
-        problems.append("give either --gguf with --mmproj, or --hf, not both")
-    if not cfg.gguf and not cfg.hf:  # the model the package ships
+    if cfg.gguf and cfg.checkpoint:
+        problems.append("give either --gguf with --mmproj, or --checkpoint, not both")
+    if not cfg.gguf and not cfg.checkpoint:  # the model the package ships
         from llavao1_edge.api import ModelNotFound, shipped_model
 
         try:
@@ -87,8 +87,8 @@ def validate(cfg: SweepConfig) -> Plan:
                 check_model_pair(cfg.gguf, cfg.mmproj)
             except ModelFileError as e:
                 problems.append(str(e))
-    if cfg.hf and not (Path(cfg.hf) / "config.json").is_file():
-        problems.append(f"{cfg.hf}: not a Hugging Face checkpoint folder (no config.json)")
+    if cfg.checkpoint and not (Path(cfg.checkpoint) / "config.json").is_file():
+        problems.append(f"{cfg.checkpoint}: not a Hugging Face checkpoint folder (no config.json)")
     quants, mquants = [], []
     for names, dest in ((cfg.quants, quants), (cfg.mmproj_quants, mquants)):
         for q in names:
@@ -116,18 +116,18 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _prepare_models(cfg: SweepConfig, plan: Plan, log) -> tuple[Path, Path]:
-    """The source F16 text model and projector (converted from --hf when needed), in OUT/models."""
+    """The source F16 text model and projector (converted from --checkpoint when needed), in OUT/models."""
     models = Path(cfg.out) / "models"
     models.mkdir(parents=True, exist_ok=True)
     if cfg.gguf:
         return Path(cfg.gguf), Path(cfg.mmproj)
     from llavao1_export.gguf_convert import convert_to_gguf
 
-    name = Path(cfg.hf).name
+    name = Path(cfg.checkpoint).name
     text, mmproj = models / f"{name}-f16.gguf", models / f"mmproj-{name}-f16.gguf"
     if not (text.is_file() and mmproj.is_file()):
-        log(f"converting {cfg.hf} to GGUF")
-        res = convert_to_gguf(cfg.hf, models, "f16")
+        log(f"converting {cfg.checkpoint} to GGUF")
+        res = convert_to_gguf(cfg.checkpoint, models, "f16")
         text, mmproj = res.text, res.mmproj
     return text, mmproj
 
@@ -172,7 +172,7 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
         for mq in plan.mmproj_quants:
             for scfg in plan.searches.values():
                 jobs.append(("gguf", q, mq, scfg))
-    if cfg.hf:
+    if cfg.checkpoint:
         jobs += [("onnx", {"none": "fp32"}.get(q, q), None, parse_spec("greedy")) for q in cfg.onnx_quants]
         jobs.append(("transformers", "fp32", None, parse_spec("greedy")))
     for backend_name, q, mq, scfg in jobs:
@@ -196,14 +196,14 @@ def run_sweep(cfg: SweepConfig, log=lambda s: None) -> dict:
             folder = models / f"onnx-{q}"
             if not (folder / "llavao1_onnx.json").is_file():
                 log(f"exporting ONNX {q}")
-                export_onnx(cfg.hf, folder, {"fp32": "none"}.get(q, q))
+                export_onnx(cfg.checkpoint, folder, {"fp32": "none"}.get(q, q))
             backend = OnnxBackend(folder, cfg.threads)
             files = [folder / g for g in ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")]
         else:
             from .backends import HFBackend
 
-            backend = HFBackend(cfg.hf, cfg.threads)
-            files = list(Path(cfg.hf).glob("*.safetensors"))
+            backend = HFBackend(cfg.checkpoint, cfg.threads)
+            files = list(Path(cfg.checkpoint).glob("*.safetensors"))
         answers: list = []
 
         def answer(item, _b=backend, _c=scfg, _sink=answers):

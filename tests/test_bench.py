@@ -277,7 +277,7 @@ def test_search_specs_mean_what_the_runtime_means_and_always_name_the_selector()
 
 def test_sweep_with_hf_adds_onnx_and_transformers_rows(trained, tmp_path):
     out = tmp_path / "hf"
-    assert bench_main(["sweep", "--data", str(trained.data / "records.jsonl"), "--hf", str(trained.hf),
+    assert bench_main(["sweep", "--data", str(trained.data / "records.jsonl"), "--checkpoint", str(trained.hf),
                        "--quants", "Q8_0", "--search", "greedy", "--onnx-quants", "none,int8", "--limit", "3",
                        "--out", str(out), "--threads", "2", "-q"]) == 0
     cells = json.loads((out / "results.json").read_text())["cells"]

@@ -154,6 +154,9 @@ def test_ollama_chat_streams_thinking_then_content(server):
     assert status == 200 and one["message"]["content"] == want["answer"] and "thinking" not in one["message"]
     status, _, tags = server.request("GET", "/api/tags", headers=AUTH)
     assert tags["models"][0]["name"] == "shapes-tiny" and tags["models"][0]["details"]["format"] == "gguf"
+    status, _, shown = server.request("POST", "/api/show", {"model": "shapes-tiny:latest"}, AUTH)
+    assert status == 200 and "vision" in shown["capabilities"]
+    assert server.request("POST", "/api/show", {"model": "llama3"}, AUTH)[0] == 404
 
 
 BAD = [  # (what, method, path, body or raw bytes, extra headers, status, error code or message part)

@@ -5,7 +5,7 @@
     requests.py    OpenAI and Ollama request bodies -> a Job (image, question, history, search settings)
     stream.py      the chosen text -> reasoning (SUMMARY, CAPTION, REASONING) and content (CONCLUSION)
     openai_api.py  GET /v1/models, POST /v1/chat/completions (JSON or server-sent events)
-    ollama_api.py  POST /api/chat (JSON or NDJSON), GET /api/tags, GET /api/version
+    ollama_api.py  POST /api/chat (JSON or NDJSON), GET /api/tags, POST /api/show, GET /api/version
     app.py         the Starlette app: routes, the page, host check, API key, CORS, errors; run()
     page.html      the page at GET /: ask about an image and watch the search choose each stage
 """

@@ -207,6 +207,14 @@ def create_app(cfg: ServerConfig, workers: Workers):
     async def ollama_tags(request):
         return JSONResponse(ollama_api.tags(cfg.model_id, cfg.model, family, quant))
 
+    async def ollama_show(request):
+        body = await _json_body(request, cfg.max_body_bytes)
+        name = body.get("model", body.get("name")) if isinstance(body, dict) else None
+        if name not in ids and f"{name}".removesuffix(":latest") not in ids:
+            raise RequestError(f"model {name!r} not found; this server serves {cfg.model_id!r}", 404,
+                               code="model_not_found")
+        return JSONResponse(ollama_api.show(cfg.model_id, family, quant, workers.has_vision))
+
     async def ollama_version(request):
         return JSONResponse(ollama_api.version())
 
@@ -234,6 +242,7 @@ def create_app(cfg: ServerConfig, workers: Workers):
         Route("/examples/{name}", example_image), Route("/v1/models", list_models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/api/chat", ollama_chat, methods=["POST"]), Route("/api/tags", ollama_tags),
+        Route("/api/show", ollama_show, methods=["POST"]),
         Route("/api/version", ollama_version),
     ]
     middleware = [Middleware(Guard, cfg=cfg)]

@@ -75,5 +75,13 @@ def tags(model_id: str, path: str, family: str, quant: str) -> dict:
                                                   "parameter_size": "", "quantization_level": quant}}]}
 
 
+def show(model_id: str, family: str, quant: str, vision: bool) -> dict:
+    """What Ollama's /api/show tells a client about the model: its format and what it can do."""
+    return {"modelfile": "", "parameters": "", "template": "", "model_info": {},
+            "details": {"format": "gguf", "family": family, "families": [family], "parameter_size": "",
+                        "quantization_level": quant},
+            "capabilities": ["completion", *(["vision"] if vision else []), "thinking"]}
+
+
 def version() -> dict:
     return {"version": __version__}
