@@ -262,7 +262,7 @@ def build(name: str, texts: list[str], root: Path) -> FamilyFixture:
     return FamilyFixture(name, out, res.text, res.mmproj)
 
 
-def test_image(width: int = 50, height: int = 30, seed: int = 0):
+def sample_image(width: int = 50, height: int = 30, seed: int = 0):
     """A non-square image with structure (so tiles differ)."""
     from PIL import Image
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from families import FAMILIES, test_image
+from families import FAMILIES, sample_image
 
 from llavao1_edge import cli
 from llavao1_edge.engine import Engine, EngineConfig, EngineError, ImageChunk
@@ -23,7 +23,7 @@ EXACT = EngineConfig(n_ctx=2048, n_seq_max=4, n_threads=2, kv_f32=True, flash_at
 def test_every_family_answers_in_four_stages_through_the_cli(families, name, search, tmp_path, capsys):
     fx = families[name]
     image = tmp_path / "image.png"
-    test_image().save(image)
+    sample_image().save(image)
     rc = cli.main(["run", str(image), QUESTION, "--model", str(fx.gguf), "--mmproj", str(fx.mmproj), *search,
                    "--max-stage-tokens", "6", "--threads", "2", "--ctx", "2048", "--json"])
     assert rc == 0, capsys.readouterr().err
@@ -56,7 +56,7 @@ def test_a_sliced_image_is_encoded_chunk_by_chunk_as_llama_cpp_does(families):
     embeddings (equal to mtmd encoding that chunk alone), and the prompt's first-token logits equal
     llama.cpp's own path (mtmd_helper_eval_chunks) on the same prompt."""
     fx = families["smolvlm"]
-    image = test_image(50, 30)
+    image = sample_image(50, 30)
     with Engine(fx.gguf, fx.mmproj, EXACT) as e:
         text = e.template.user_turn(QUESTION, e.marker)
         prompt = e.prepare(text, image)
@@ -78,7 +78,7 @@ def test_a_sliced_image_is_encoded_chunk_by_chunk_as_llama_cpp_does(families):
 def test_the_bottom_right_of_a_sliced_image_changes_the_answer(families):
     """The regression: with every chunk encoded as the first, a change in the last tile changed nothing."""
     fx = families["smolvlm"]
-    image = test_image(50, 30)
+    image = sample_image(50, 30)
     changed = image.copy()
     changed.paste((255, 255, 255), (36, 18, 50, 30))  # the bottom-right tile only
     with Engine(fx.gguf, fx.mmproj, EXACT) as e:
@@ -92,7 +92,7 @@ def test_the_bottom_right_of_a_sliced_image_changes_the_answer(families):
 def test_prompt_logits_equal_llama_cpps_own_path_for_each_family(families, name):
     """Positions as mtmd's helper computes them (M-RoPE for Qwen, non-causal image blocks for Gemma 3)."""
     fx = families[name]
-    image = test_image(56, 84)
+    image = sample_image(56, 84)
     with Engine(fx.gguf, fx.mmproj, EXACT) as e:
         text = e.template.user_turn(QUESTION, e.marker)
         state, _ = e.eval_prompt(e.prepare(text, image))
