@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint, CheckpointError
 from .family import Family, VisionInputs
 from .gguf_plan import PlannedFile, new_plan
 from .llama import plan_llama_text
-from .llava import LINEAR_SIGLIP, LINEAR_TEXT, VISION_BLOCK_TENSORS
+from .llava import LINEAR_SIGLIP, LINEAR_TEXT, VISION_BLOCK_TENSORS, tower_keys
 
 VISION = "model.vision_model."
 CONNECTOR = "model.connector.modality_projection.proj.weight"
@@ -65,20 +65,10 @@ def plan_mmproj(ckpt: Checkpoint, outtype: str) -> PlannedFile:
         raise CheckpointError(f"{ckpt.path / 'config.json'}: scale_factor {scale} must be 2 or more and divide the "
                               f"{vc['image_size'] // vc['patch_size']} patches per side")
     CV = Keys.ClipVision
-    plan.kv(Keys.Clip.HAS_VISION_ENCODER, T.BOOL, True)
     plan.kv(Keys.Clip.PROJECTOR_TYPE, T.STRING, "idefics3")
     plan.kv(CV.USE_GELU, T.BOOL, True)  # gelu_pytorch_tanh: ggml's GELU is the tanh form
-    plan.kv(CV.IMAGE_SIZE, T.UINT32, vc["image_size"])  # the tile size
+    tower_keys(plan, ckpt, text_width)  # clip.vision.image_size: the tile
     plan.kv(CV.PREPROC_IMAGE_SIZE, T.UINT32, image_size_for_slicing(ckpt))
-    plan.kv(CV.PATCH_SIZE, T.UINT32, vc["patch_size"])
-    plan.kv(CV.EMBEDDING_LENGTH, T.UINT32, width)
-    plan.kv(CV.FEED_FORWARD_LENGTH, T.UINT32, vc["intermediate_size"])
-    plan.kv(CV.BLOCK_COUNT, T.UINT32, n_layers)
-    plan.kv(CV.PROJECTION_DIM, T.UINT32, text_width)
-    plan.kv(CV.Attention.HEAD_COUNT, T.UINT32, vc["num_attention_heads"])
-    plan.kv(CV.Attention.LAYERNORM_EPS, T.FLOAT32, float(vc.get("layer_norm_eps", 1e-6)))
-    plan.kv(CV.IMAGE_MEAN, T.ARRAY, [float(v) for v in ckpt.image_mean], T.FLOAT32)
-    plan.kv(CV.IMAGE_STD, T.ARRAY, [float(v) for v in ckpt.image_std], T.FLOAT32)
     plan.kv(CV.Projector.SCALE_FACTOR, T.UINT32, scale)
 
     def add(kind: MT, key: str, bid: int | None = None, suffix: str | None = "weight") -> None:

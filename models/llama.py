@@ -32,6 +32,21 @@ def stage_keys(plan: PlannedFile, ckpt: Checkpoint) -> None:
         plan.kv(K.STAGE_TAGS, T.ARRAY, [s.tag for s in STAGES], T.STRING)
 
 
+def vocab_and_ends(plan: PlannedFile, ckpt: Checkpoint, text_config: dict, emb, norm, lm_head: str) -> None:
+    """What every text model ends its plan with: RMS-norm epsilon, the vocabulary and tokenizer, our stage
+    keys, the token embeddings, the final norm and the output layer (unless tied to the embeddings)."""
+    tc, t = text_config, ckpt.tensors
+    plan.kv(Keys.Attention.LAYERNORM_RMS_EPS, T.FLOAT32, float(tc.get("rms_norm_eps", 1e-6)))
+    plan.kv(Keys.LLM.VOCAB_SIZE, T.UINT32, emb.shape[0])
+    plan_tokenizer(plan, ckpt, emb.shape[0])
+    stage_keys(plan, ckpt)
+    plan.tensor(tensor_name(MT.TOKEN_EMBD), emb)
+    plan.tensor(tensor_name(MT.OUTPUT_NORM), norm)
+    tied = ckpt.config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
+    if not tied and lm_head in t:
+        plan.tensor(tensor_name(MT.OUTPUT), t[lm_head])
+
+
 def plan_llama_text(ckpt: Checkpoint, outtype: str, text_config: dict, prefix: str, lm_head: str) -> PlannedFile:
     """The text GGUF of a Llama decoder whose weights are named `prefix` + embed_tokens / layers.N / norm."""
     tc, t = text_config, ckpt.tensors
@@ -52,17 +67,9 @@ def plan_llama_text(ckpt: Checkpoint, outtype: str, text_config: dict, prefix: s
     plan.kv(Keys.LLM.FEED_FORWARD_LENGTH, T.UINT32, tc["intermediate_size"])
     plan.kv(Keys.Attention.HEAD_COUNT, T.UINT32, n_head)
     plan.kv(Keys.Attention.HEAD_COUNT_KV, T.UINT32, n_kv)
-    plan.kv(Keys.Attention.LAYERNORM_RMS_EPS, T.FLOAT32, float(tc.get("rms_norm_eps", 1e-6)))
     plan.kv(Keys.Rope.FREQ_BASE, T.FLOAT32, float(rope_theta))
     plan.kv(Keys.Rope.DIMENSION_COUNT, T.UINT32, head_dim)
-    plan.kv(Keys.LLM.VOCAB_SIZE, T.UINT32, emb.shape[0])
-    plan_tokenizer(plan, ckpt, emb.shape[0])
-    stage_keys(plan, ckpt)
-    plan.tensor(tensor_name(MT.TOKEN_EMBD), emb)
-    plan.tensor(tensor_name(MT.OUTPUT_NORM), t[prefix + "norm.weight"])
-    tied = ckpt.config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
-    if not tied and lm_head in t:
-        plan.tensor(tensor_name(MT.OUTPUT), t[lm_head])
+    vocab_and_ends(plan, ckpt, tc, emb, t[prefix + "norm.weight"], lm_head)
     heads = {MT.ATTN_Q: n_head, MT.ATTN_K: n_kv}
     for i in range(n_layers):
         for hf, kind in BLOCK_TENSORS.items():

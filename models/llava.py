@@ -203,6 +203,23 @@ def tower_prefix(names) -> str:
     return v if v + "embeddings.patch_embedding.weight" in names else "model.vision_tower."
 
 
+def tower_keys(plan: PlannedFile, ckpt: Checkpoint, projection_dim: int) -> None:
+    """The keys of a SigLIP- or CLIP-style tower (LLaVA, Idefics3), from its vision config, and the image
+    statistics."""
+    vc, CV = ckpt.vision_config, Keys.ClipVision
+    plan.kv(Keys.Clip.HAS_VISION_ENCODER, T.BOOL, True)
+    plan.kv(CV.IMAGE_SIZE, T.UINT32, vc["image_size"])
+    plan.kv(CV.PATCH_SIZE, T.UINT32, vc["patch_size"])
+    plan.kv(CV.EMBEDDING_LENGTH, T.UINT32, vc["hidden_size"])
+    plan.kv(CV.FEED_FORWARD_LENGTH, T.UINT32, vc["intermediate_size"])
+    plan.kv(CV.BLOCK_COUNT, T.UINT32, vc["num_hidden_layers"])
+    plan.kv(CV.PROJECTION_DIM, T.UINT32, projection_dim)
+    plan.kv(CV.Attention.HEAD_COUNT, T.UINT32, vc["num_attention_heads"])
+    plan.kv(CV.Attention.LAYERNORM_EPS, T.FLOAT32, float(vc.get("layer_norm_eps", 1e-6)))
+    plan.kv(CV.IMAGE_MEAN, T.ARRAY, [float(v) for v in ckpt.image_mean], T.FLOAT32)
+    plan.kv(CV.IMAGE_STD, T.ARRAY, [float(v) for v in ckpt.image_std], T.FLOAT32)
+
+
 def plan_mmproj(ckpt: Checkpoint, outtype: str) -> PlannedFile:
     vc, t = ckpt.vision_config, ckpt.tensors
     plan = new_plan(K.VISION_ARCHITECTURE, outtype, ckpt.name, ckpt.sha256)
@@ -219,20 +236,9 @@ def plan_mmproj(ckpt: Checkpoint, outtype: str) -> PlannedFile:
     if proj_out != ckpt.text_config["hidden_size"]:
         raise CheckpointError(f"{config_path}: projector output width {proj_out} != text model width "
                               f"{ckpt.text_config['hidden_size']}")
-    CV = Keys.ClipVision
-    plan.kv(Keys.Clip.HAS_VISION_ENCODER, T.BOOL, True)
     plan.kv(Keys.Clip.PROJECTOR_TYPE, T.STRING, "mlp")
-    plan.kv(CV.USE_GELU, T.BOOL, act != "quick_gelu")
-    plan.kv(CV.IMAGE_SIZE, T.UINT32, vc["image_size"])
-    plan.kv(CV.PATCH_SIZE, T.UINT32, vc["patch_size"])
-    plan.kv(CV.EMBEDDING_LENGTH, T.UINT32, vc["hidden_size"])
-    plan.kv(CV.FEED_FORWARD_LENGTH, T.UINT32, vc["intermediate_size"])
-    plan.kv(CV.BLOCK_COUNT, T.UINT32, n_layers)
-    plan.kv(CV.PROJECTION_DIM, T.UINT32, proj_out)
-    plan.kv(CV.Attention.HEAD_COUNT, T.UINT32, vc["num_attention_heads"])
-    plan.kv(CV.Attention.LAYERNORM_EPS, T.FLOAT32, float(vc.get("layer_norm_eps", 1e-6)))
-    plan.kv(CV.IMAGE_MEAN, T.ARRAY, [float(v) for v in ckpt.image_mean], T.FLOAT32)
-    plan.kv(CV.IMAGE_STD, T.ARRAY, [float(v) for v in ckpt.image_std], T.FLOAT32)
+    plan.kv(Keys.ClipVision.USE_GELU, T.BOOL, act != "quick_gelu")
+    tower_keys(plan, ckpt, proj_out)
     blocks = vision_blocks(n_layers, ckpt.config.get("vision_feature_layer", -2))
     plan.kv(K.CLIP_FEATURE_LAYER, T.ARRAY, [blocks], T.INT32)
 

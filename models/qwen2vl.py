@@ -22,8 +22,7 @@ from llavao1_edge.gguf_keys import tensor_name
 from .checkpoint import Checkpoint, CheckpointError
 from .family import Family, VisionInputs
 from .gguf_plan import PlannedFile, new_plan
-from .gguf_vocab import plan_tokenizer
-from .llama import stage_keys
+from .llama import vocab_and_ends
 from .llava import LINEAR_TEXT
 
 TEXT_BLOCK = {"input_layernorm": MT.ATTN_NORM, "self_attn.q_proj": MT.ATTN_Q, "self_attn.k_proj": MT.ATTN_K,
@@ -88,18 +87,10 @@ def plan_text(ckpt: Checkpoint, outtype: str) -> PlannedFile:
     plan.kv(Keys.LLM.FEED_FORWARD_LENGTH, T.UINT32, tc["intermediate_size"])
     plan.kv(Keys.Attention.HEAD_COUNT, T.UINT32, n_head)
     plan.kv(Keys.Attention.HEAD_COUNT_KV, T.UINT32, tc.get("num_key_value_heads") or n_head)
-    # llama.cpp 0.3.36 reads no epsilon for qwen2vl (it uses 0); written for the readers that do
-    plan.kv(Keys.Attention.LAYERNORM_RMS_EPS, T.FLOAT32, float(tc.get("rms_norm_eps", 1e-6)))
     plan.kv(Keys.Rope.FREQ_BASE, T.FLOAT32, float(rope.get("rope_theta", tc.get("rope_theta", 1e6))))
     plan.kv(Keys.Rope.DIMENSION_SECTIONS, T.ARRAY, mrope_sections(ckpt), T.INT32)
-    plan.kv(Keys.LLM.VOCAB_SIZE, T.UINT32, emb.shape[0])
-    plan_tokenizer(plan, ckpt, emb.shape[0])
-    stage_keys(plan, ckpt)
-    plan.tensor(tensor_name(MT.TOKEN_EMBD), emb)
-    plan.tensor(tensor_name(MT.OUTPUT_NORM), t[text + "norm.weight"])
-    tied = ckpt.config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
-    if not tied and "lm_head.weight" in t:
-        plan.tensor(tensor_name(MT.OUTPUT), t["lm_head.weight"])
+    # the epsilon is written for the readers that use it: llama.cpp 0.3.36 reads none for qwen2vl (it uses 0)
+    vocab_and_ends(plan, ckpt, tc, emb, t[text + "norm.weight"], "lm_head.weight")
     for i in range(n_layers):  # no Q/K row permutation: M-RoPE rotates HF's halves, as transformers does
         for hf, kind in TEXT_BLOCK.items():
             plan.tensor(tensor_name(kind, i), t[f"{text}layers.{i}.{hf}.weight"])

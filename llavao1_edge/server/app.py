@@ -25,7 +25,7 @@ from ..images import ImageError
 from ..modelfile import describe
 from . import ollama_api, openai_api
 from .config import LOOPBACK_HOSTS, ServerConfig
-from .requests import RequestError, ollama_job, openai_job
+from .requests import RequestError, ollama_job, openai_job, served
 from .workers import Busy, Workers
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -179,30 +179,25 @@ def create_app(cfg: ServerConfig, workers: Workers):
     async def list_models(request):
         return JSONResponse(openai_api.models(cfg.model_id, created))
 
-    async def chat_completions(request):
-        body = await _json_body(request, cfg.max_body_bytes)
-        job = await run_in_threadpool(openai_job, body, cfg, ids, workers.has_vision, workers.max_candidates)
-        events = workers.run(job, openai_api.wanted(job))
-        first = await _first(events)
-        model = job.options["model"]
-        if job.options["stream"]:
-            return StreamingResponse(_guarded_stream(openai_api.chunks(job, events, first, model), request.url.path),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await _result(events, first, request)
-        return JSONResponse(openai_api.completion(job, result, model)) if result else Response(status_code=499)
-
-    async def ollama_chat(request):
+    async def chat(request, make_job, api):
+        """A chat request of either API: validated into a job, searched, answered whole or streamed."""
         started = time.perf_counter()
         body = await _json_body(request, cfg.max_body_bytes)
-        job = await run_in_threadpool(ollama_job, body, cfg, ids, workers.has_vision, workers.max_candidates)
-        events = workers.run(job, ollama_api.wanted(job))
+        job = await run_in_threadpool(make_job, body, cfg, ids, workers.has_vision, workers.max_candidates)
+        events = workers.run(job, api.wanted(job))
         first = await _first(events)
         model = job.options["model"]
         if job.options["stream"]:
-            return StreamingResponse(_guarded_stream(ollama_api.lines(job, events, first, model, started),
-                                                     request.url.path), media_type="application/x-ndjson")
+            return StreamingResponse(_guarded_stream(api.stream(job, events, first, model, started), request.url.path),
+                                     media_type=api.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
         result = await _result(events, first, request)
-        return JSONResponse(ollama_api.reply(job, result, model, started)) if result else Response(status_code=499)
+        return JSONResponse(api.reply(job, result, model, started)) if result else Response(status_code=499)
+
+    async def chat_completions(request):
+        return await chat(request, openai_job, openai_api)
+
+    async def ollama_chat(request):
+        return await chat(request, ollama_job, ollama_api)
 
     async def ollama_tags(request):
         return JSONResponse(ollama_api.tags(cfg.model_id, cfg.model, family, quant))
@@ -210,7 +205,7 @@ def create_app(cfg: ServerConfig, workers: Workers):
     async def ollama_show(request):
         body = await _json_body(request, cfg.max_body_bytes)
         name = body.get("model", body.get("name")) if isinstance(body, dict) else None
-        if name not in ids and f"{name}".removesuffix(":latest") not in ids:
+        if not served(name, ids):
             raise RequestError(f"model {name!r} not found; this server serves {cfg.model_id!r}", 404,
                                code="model_not_found")
         return JSONResponse(ollama_api.show(cfg.model_id, family, quant, workers.has_vision))

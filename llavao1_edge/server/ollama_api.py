@@ -37,6 +37,9 @@ def _done(job: Job, result: SearchResult, model: str, started: float) -> dict:
             "eval_count": tok.get("answer", 0), "eval_duration": int((t.get("decode_s", 0) + t.get("judge_s", 0)) * ns)}
 
 
+MEDIA_TYPE = "application/x-ndjson"
+
+
 def reply(job: Job, result: SearchResult, model: str, started: float) -> dict:
     reasoning, content = answer_parts(result.text)
     out = _done(job, result, model, started)
@@ -45,7 +48,8 @@ def reply(job: Job, result: SearchResult, model: str, started: float) -> dict:
     return out
 
 
-async def lines(job: Job, events: AsyncIterator[Event], first: Event, model: str, started: float) -> AsyncIterator[str]:
+async def stream(job: Job, events: AsyncIterator[Event], first: Event, model: str, started: float) -> AsyncIterator[str]:
+    """NDJSON lines: thinking, then content, then the done line."""
     splitter = AnswerSplitter()
     tokens = job.search.strategy == "greedy"
 

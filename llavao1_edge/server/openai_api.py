@@ -47,7 +47,11 @@ def event_json(ev: Event) -> dict:
     return {"kind": ev.kind, "stage": ev.stage, "candidate": ev.candidate, "text": ev.text, "data": data}
 
 
-def completion(job: Job, result: SearchResult, model: str) -> dict:
+MEDIA_TYPE = "text/event-stream"
+
+
+def reply(job: Job, result: SearchResult, model: str, started: float) -> dict:
+    """The whole completion (not streamed)."""
     reasoning, content = answer_parts(result.text)
     message = {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -56,7 +60,7 @@ def completion(job: Job, result: SearchResult, model: str) -> dict:
             "usage": usage(result), "llavao1": result.to_json()}
 
 
-async def chunks(job: Job, events: AsyncIterator[Event], first: Event, model: str) -> AsyncIterator[str]:
+async def stream(job: Job, events: AsyncIterator[Event], first: Event, model: str, started: float) -> AsyncIterator[str]:
     """The SSE stream of one completion; `first` is the search's first event (already received)."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -140,12 +140,30 @@ def _budget(tokens, strategy: str) -> dict:
     return {"max_stage_tokens": tokens} if strategy in ("stage", "sentence") else {"max_answer_tokens": tokens}
 
 
-def openai_job(body, cfg: ServerConfig, model_ids: tuple[str, ...], vision: bool, max_candidates: int) -> Job:
+def _fields(body, known: set[str]) -> dict:
+    """The body as an object of known fields."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
-    unknown = sorted(set(body) - OPENAI_FIELDS)
+    unknown = sorted(set(body) - known)
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}", param=unknown[0])
+    return body
+
+
+def _messages(body: dict) -> list:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    return messages
+
+
+def served(name, model_ids: tuple[str, ...]) -> bool:
+    """Whether `name` is what this server serves (Ollama clients add ':latest')."""
+    return name in model_ids or f"{name}".removesuffix(":latest") in model_ids
+
+
+def openai_job(body, cfg: ServerConfig, model_ids: tuple[str, ...], vision: bool, max_candidates: int) -> Job:
+    body = _fields(body, OPENAI_FIELDS)
     model = body.get("model")
     if model not in model_ids:
         raise RequestError(f"model {model!r} is not served here; this server serves {model_ids[0]!r}", param="model",
@@ -164,11 +182,8 @@ def openai_job(body, cfg: ServerConfig, model_ids: tuple[str, ...], vision: bool
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise RequestError("response_format other than text is not supported", param="response_format")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list", param="messages")
     turns = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(_messages(body)):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
@@ -191,24 +206,17 @@ def openai_job(body, cfg: ServerConfig, model_ids: tuple[str, ...], vision: bool
 
 
 def ollama_job(body, cfg: ServerConfig, model_ids: tuple[str, ...], vision: bool, max_candidates: int) -> Job:
-    if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object")
-    unknown = sorted(set(body) - OLLAMA_FIELDS)
-    if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r}", param=unknown[0])
+    body = _fields(body, OLLAMA_FIELDS)
     model = body.get("model")
-    if model not in model_ids and f"{model}".removesuffix(":latest") not in model_ids:
+    if not served(model, model_ids):
         raise RequestError(f"model {model!r} not found; this server serves {model_ids[0]!r}", status=404,
                            code="model_not_found")
     if body.get("tools"):
         raise RequestError("tools are not supported", param="tools")
     if body.get("format"):
         raise RequestError("format is not supported: the answer is the four stages", param="format")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list", param="messages")
     turns = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(_messages(body)):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content", ""), str):
             raise RequestError(f"{where} must have a role ({', '.join(ROLES)}) and a string content", param=where)
