@@ -1,4 +1,5 @@
-"""`llavao1-export`: convert a Hugging Face LLaVA checkpoint, quantize it, and prove it still computes the same.
+"""`llavao1-export`: convert a Hugging Face checkpoint (LLaVA, SmolVLM/Idefics3, Qwen2-VL/2.5-VL) to GGUF, quantize it,
+and prove it still computes the same.
 
 examples:
   llavao1-export gguf --model runs/tiny/final --out models/ --outtype f16
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gguf", help="write the text model and the projector (mmproj) as GGUF")
-    g.add_argument("--model", required=True, help="Hugging Face LLaVA checkpoint folder")
+    g.add_argument("--model", required=True, help="Hugging Face checkpoint folder (LLaVA, SmolVLM/Idefics3, "
+                   "Qwen2-VL/2.5-VL)")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--outtype", default="f16", choices=list(OUTTYPES))
     q = sub.add_parser("quantize", help="quantize a text-model or mmproj GGUF",
